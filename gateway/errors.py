@@ -1,0 +1,160 @@
+"""Every error a client can see, and the one function that turns them into OpenAI's envelope.
+
+    ApiError                      status, type, code, param: what the client gets
+    ├── InvalidRequest            400 invalid_request_error (malformed JSON, schema violations; param = field)
+    ├── AuthenticationFailed      401 invalid_api_key
+    ├── PermissionDenied          403 (admin endpoints with a client key)
+    ├── NotFound / ModelNotFound  404 (model_not_found for unknown models)
+    ├── PayloadTooLarge           413
+    ├── UpstreamStatusError       the upstream's own 4xx/429 as it said it; 502 for its 5xx after retries
+    ├── UpstreamUnavailable       502 (connection refused, reset, bad response)
+    └── UpstreamTimeout           504 (connect, first byte or total deadline)
+
+The body is always `{"error": {"message", "type", "param", "code"}}`; `code` is a string or null, never an int.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import Response
+
+
+class ApiError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(ApiError):
+    """Base of everything that went wrong on the teacher side; `upstream` names the last one tried."""
+
+    upstream: str = ""
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an error status. 4xx pass through as the upstream said them."""
+
+    def __init__(self, upstream: str, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        detail = _upstream_error_fields(body)
+        message = detail.get("message") or body[:500].decode("utf-8", "replace") or f"HTTP {status}"
+        passthrough = 400 <= status < 500
+        super().__init__(
+            message if passthrough else f"upstream {upstream} failed with HTTP {status}: {message}",
+            param=detail.get("param"),
+            code=detail.get("code") if passthrough else "upstream_error",
+            status=status if passthrough else 502,
+            type=detail.get("type") or ("invalid_request_error" if passthrough else "upstream_error"),
+            headers=headers,
+        )
+        self.upstream = upstream
+        self.upstream_status = status
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+    def __init__(self, upstream: str, detail: str) -> None:
+        super().__init__(f"upstream {upstream} is unreachable: {detail}")
+        self.upstream = upstream
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+    def __init__(self, upstream: str, detail: str) -> None:
+        super().__init__(f"upstream {upstream} timed out: {detail}")
+        self.upstream = upstream
+
+
+def _upstream_error_fields(body: bytes) -> dict[str, str | None]:
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(err, dict):
+        return {"message": str(err)} if err else {}
+    out: dict[str, str | None] = {}
+    for key in ("message", "type", "param", "code"):
+        value = err.get(key)
+        out[key] = None if value is None else str(value)
+    return out
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response(
+        content=json.dumps(exc.body()),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def sse_error_event(exc: ApiError) -> bytes:
+    """The event that ends a stream which broke after it had started: never a silent truncation."""
+    return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"

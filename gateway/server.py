@@ -1,0 +1,126 @@
+"""`apprentice serve`: builds and checks the settings, then runs the app on uvicorn (uvloop, httptools).
+
+Workers are separate processes that rebuild the same settings from `APPRENTICE_SERVE_ARGS` (the CLI's
+arguments, never secrets: keys are named by environment variable), so every worker validates them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from gateway.settings import LOOPBACK_HOSTS, ConfigError, Settings, load_settings
+
+ARGS_ENV = "APPRENTICE_SERVE_ARGS"
+OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    config: str | None = None
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+    upstream: str | None = None
+    upstream_key_env: str | None = None
+    client_key_env: str | None = None
+    allow_unauthenticated: bool = False
+
+
+def build_settings(args: ServeArgs) -> Settings:
+    """The settings `apprentice serve` runs with; ConfigError names what is wrong."""
+    overrides: dict[str, Any] = {}
+    if args.upstream is not None:
+        if args.config is not None:
+            raise ConfigError("--upstream and --config cannot be combined: --upstream is the no-config mode")
+        upstream: dict[str, Any] = {"api_base": args.upstream.rstrip("/"), "discover_models": True}
+        if args.upstream_key_env:
+            upstream["api_key"] = f"env:{args.upstream_key_env}"
+        overrides["upstreams"] = {"upstream": upstream}
+    if args.client_key_env:
+        if not os.environ.get(args.client_key_env):
+            raise ConfigError(f"--client-key-env: environment variable {args.client_key_env} is not set or empty")
+        overrides["auth"] = {"api_keys": [f"env:{args.client_key_env}"]}
+    settings = load_settings(Path(args.config) if args.config else None, **overrides)
+    server = settings.server.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "host": args.host,
+                "port": args.port,
+                "workers": args.workers,
+                "allow_unauthenticated": args.allow_unauthenticated or None,
+            }.items()
+            if v is not None
+        }
+    )
+    settings = settings.model_copy(update={"server": server})
+    check_bind(settings)
+    return settings
+
+
+def check_bind(settings: Settings) -> None:
+    """No client key and a non-loopback address: refuse, unless the operator said so explicitly."""
+    host = settings.server.host
+    if host in LOOPBACK_HOSTS or settings.server.allow_unauthenticated:
+        return
+    if not settings.auth.resolved("api_keys"):
+        raise ConfigError(
+            f"server.host: refusing to serve {host} without client keys (auth.api_keys or --client-key-env); "
+            "pass --allow-unauthenticated to do it anyway"
+        )
+
+
+def app_factory() -> FastAPI:
+    """What each uvicorn worker calls: the same settings the parent checked, then the app."""
+    from gateway.app import create_app
+
+    args = ServeArgs(**json.loads(os.environ.get(ARGS_ENV, "{}")))
+    return create_app(build_settings(args))
+
+
+def _prepare_multiprocess_metrics(workers: int) -> None:
+    if workers <= 1:
+        return
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        # Files of a previous run would be summed into this one's counters.
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        directory = tempfile.mkdtemp(prefix="apprentice-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.makedirs(directory, exist_ok=True)
+
+
+def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info") -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    settings = build_settings(args)  # fail fast, before any worker starts
+    _prepare_multiprocess_metrics(settings.server.workers)
+    os.environ[ARGS_ENV] = json.dumps(asdict(args))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: a log line per request is CPU the hot path does not need.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    import uvicorn
+
+    uvicorn.run(
+        "gateway.server:app_factory",
+        factory=True,
+        host=settings.server.host,
+        port=settings.server.port,
+        workers=settings.server.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=access_log,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+    )

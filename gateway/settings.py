@@ -1,0 +1,263 @@
+"""The one settings object: a YAML file plus APPRENTICE_* environment overrides, validated at start-up.
+
+Environment variables override the file with `__` between nesting levels, e.g.
+`APPRENTICE_SERVER__PORT=9000` or `APPRENTICE_LOG__URL=postgresql+psycopg://...`. A bad config fails fast with
+`ConfigError`, whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and what is wrong with it."""
+
+
+def resolve_secret(reference: str, *, key: str) -> str:
+    """`env:VAR` reads an environment variable, `file:/path` a secret file; anything else is a literal."""
+    if reference.startswith("env:"):
+        var = reference[4:]
+        value = os.environ.get(var)
+        if not value:
+            raise ConfigError(f"{key}: environment variable {var} is not set or empty")
+        return value
+    if reference.startswith("file:"):
+        path = Path(reference[5:])
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
+    return reference
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    # Refuse to serve a non-loopback address without client keys unless this is set.
+    allow_unauthenticated: bool = False
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class AuthConfig(_Strict):
+    # Client keys: literals, `env:VAR` (comma-separated keys in VAR) or `file:/path`.
+    api_keys: list[SecretStr] = []
+    admin_keys: list[SecretStr] = []
+
+    def resolved(self, which: Literal["api_keys", "admin_keys"]) -> frozenset[str]:
+        keys: set[str] = set()
+        for i, ref in enumerate(getattr(self, which)):
+            raw = resolve_secret(ref.get_secret_value(), key=f"auth.{which}[{i}]")
+            keys.update(k.strip() for k in raw.split(",") if k.strip())
+        return frozenset(keys)
+
+
+class TimeoutConfig(_Strict):
+    connect_s: float = Field(default=5.0, gt=0)
+    first_byte_s: float = Field(default=60.0, gt=0)
+    total_s: float = Field(default=300.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_base_s: float = Field(default=0.25, ge=0)
+    backoff_max_s: float = Field(default=8.0, ge=0)
+    # A `retry-after` longer than this is not waited for: the attempt fails over instead.
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+
+
+class UpstreamConfig(_Strict):
+    """A teacher endpoint. `openai`: any OpenAI-compatible base URL over the shared httpx client.
+    `litellm`: any other provider through litellm.acompletion (imported only if configured)."""
+
+    provider: Literal["openai", "litellm"] = "openai"
+    api_base: str | None = None
+    # `env:VAR`, `file:/path` or a literal; never logged.
+    api_key: SecretStr | None = None
+    # Model names this upstream serves as clients name them; "*" accepts any name.
+    models: list[str] = []
+    # Also serve every model the upstream lists at GET {api_base}/models (asked at start-up).
+    discover_models: bool = False
+    # Prefix added to the model name for litellm, e.g. "anthropic/".
+    litellm_prefix: str = ""
+    supports_logprobs: bool = True
+    timeouts: TimeoutConfig = TimeoutConfig()
+    retry: RetryConfig = RetryConfig()
+    # Names of other upstreams tried in order when this one fails after its retries.
+    fallbacks: list[str] = []
+
+    @model_validator(mode="after")
+    def _base_for_openai(self) -> UpstreamConfig:
+        if self.provider == "openai" and not self.api_base:
+            raise ValueError("api_base is required for provider 'openai'")
+        if self.api_base and not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"api_base must start with http:// or https://, got {self.api_base!r}")
+        return self
+
+    def resolved_key(self, name: str) -> str | None:
+        if self.api_key is None:
+            return None
+        return resolve_secret(self.api_key.get_secret_value(), key=f"upstreams.{name}.api_key")
+
+
+class TaskConfig(_Strict):
+    """A narrow task: clients send `name` as the model; the teacher is the upstream model it stands for."""
+
+    name: str = ""
+    teacher: str
+    kind: Literal["classification"] = "classification"
+    labels: list[str] = Field(min_length=2)
+    input: Literal["last_user_message", "all_user_messages"] = "last_user_message"
+    target_agreement: float = Field(default=0.97, gt=0.5, lt=1.0)
+    shadow_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    student: Literal["tfidf", "minilm"] = "tfidf"
+    system_prompt: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, labels: list[str]) -> list[str]:
+        seen: set[str] = set()
+        dupes = sorted({x for x in labels if x in seen or seen.add(x)})  # type: ignore[func-returns-value]
+        if dupes:
+            raise ValueError(f"duplicate labels: {', '.join(dupes[:5])}")
+        if any(not x.strip() for x in labels):
+            raise ValueError("labels must be non-empty strings")
+        return labels
+
+
+class RegistryConfig(_Strict):
+    path: Path = Path(".apprentice/registry")
+    poll_interval_s: float = Field(default=2.0, gt=0)
+
+
+class LogConfig(_Strict):
+    # sqlite:///path.db (WAL), postgresql+psycopg://..., or memory:// (tests; nothing is kept).
+    url: str = "sqlite:///.apprentice/inference.db"
+    spool_dir: Path = Path(".apprentice/spool")
+    queue_size: int = Field(default=10000, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    flush_interval_s: float = Field(default=0.25, gt=0)
+    redact: bool = False
+
+
+class ModelPrice(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class PricingConfig(_Strict):
+    # USD per million tokens by model name; overrides litellm's bundled price map.
+    models: dict[str, ModelPrice] = {}
+    # Price the teacher of a task as a named real model, e.g. {"reference-teacher": "gpt-4o"}.
+    aliases: dict[str, str] = {}
+    # Specialist cost: measured CPU seconds times this price.
+    cpu_second_usd: float = Field(default=0.0000125, ge=0)
+
+
+class ShadowConfig(_Strict):
+    max_concurrency: int = Field(default=4, ge=1)
+    window: int = Field(default=500, ge=10)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPRENTICE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    upstreams: dict[str, UpstreamConfig] = {}
+    # Where models that no upstream lists explicitly go; None means 404 model_not_found.
+    default_upstream: str | None = None
+    tasks: dict[str, TaskConfig] = {}
+    registry: RegistryConfig = RegistryConfig()
+    log: LogConfig = LogConfig()
+    pricing: PricingConfig = PricingConfig()
+    shadow: ShadowConfig = ShadowConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for name, task in self.tasks.items():
+            if task.name and task.name != name:
+                raise ValueError(f"tasks.{name}.name: must equal its key or be omitted")
+            task.name = name
+            if name in self.upstream_models():
+                raise ValueError(f"tasks.{name}: the name is also an upstream model; pick another")
+        for name, up in self.upstreams.items():
+            for fb in up.fallbacks:
+                if fb not in self.upstreams:
+                    raise ValueError(f"upstreams.{name}.fallbacks: unknown upstream {fb!r}")
+                if fb == name:
+                    raise ValueError(f"upstreams.{name}.fallbacks: an upstream cannot fall back to itself")
+        if self.default_upstream is not None and self.default_upstream not in self.upstreams:
+            raise ValueError(f"default_upstream: unknown upstream {self.default_upstream!r}")
+        return self
+
+    def upstream_models(self) -> set[str]:
+        return {m for up in self.upstreams.values() for m in up.models if m != "*"}
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}")
+    return f"invalid configuration ({source}):\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `path` (YAML), then APPRENTICE_* env vars, then keyword overrides; fails with ConfigError."""
+    source = "defaults and environment"
+    if path is not None:
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    settings_cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}})
+    try:
+        return settings_cls(**overrides)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

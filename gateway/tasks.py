@@ -1,0 +1,368 @@
+"""The task path: for a request whose model is a configured task, the router decides who answers.
+
+The specialist answers in-process when it is loaded, the request is one it can honour and s(x) >= tau;
+otherwise the teacher answers (reason: ood, low_confidence, no_specialist, unsupported_request or forced),
+and its answer, label and soft label go to the inference log without delaying the client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from gateway.errors import InvalidRequest, PermissionDenied, UpstreamError, sse_error_event
+from gateway.inference_log import InferenceRecord, InferenceSink
+from gateway.protocol import ChatCompletionRequest, task_input_text
+from gateway.registry import RegistryReader, ReloadResult
+from gateway.responses import SpecialistAnswer, TokenEstimator, completion_body, stream_events
+from gateway.serving import SSE_HEADERS, Accounting, ModelTable, Timer
+from gateway.settings import Settings, TaskConfig
+from gateway.shadow import ShadowRunner
+from gateway.softlabels import LabelSet
+from gateway.specialist import Decision, Specialist
+from gateway.teacher_answer import (
+    StreamRewriter,
+    TeacherReading,
+    fit_logprobs_to_client,
+    read_completion,
+    teacher_body,
+)
+from gateway.upstream import TeacherClient
+
+log = logging.getLogger("apprentice.tasks")
+FORCE_ROUTES = ("specialist", "teacher")
+
+
+@dataclass(slots=True)
+class TaskState:
+    config: TaskConfig
+    labels: LabelSet
+    estimator: TokenEstimator = field(default_factory=TokenEstimator)
+    requests: int = 0
+    served: int = 0
+
+
+def unsupported(request: ChatCompletionRequest) -> str | None:
+    """Why the specialist cannot honour this request (it answers one label as plain text), or None."""
+    if request.n not in (None, 1):
+        return "n > 1"
+    if request.tools or request.functions:
+        return "tools"
+    fmt = request.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        return "response_format"
+    return None
+
+
+class TaskService:
+    def __init__(
+        self,
+        settings: Settings,
+        teacher: TeacherClient,
+        accounting: Accounting,
+        sink: InferenceSink,
+        models: ModelTable,
+    ) -> None:
+        self.settings = settings
+        self.teacher = teacher
+        self.accounting = accounting
+        self.metrics = accounting.metrics
+        self.sink = sink
+        self.models = models
+        self.states = {name: TaskState(cfg, LabelSet(cfg.labels)) for name, cfg in settings.tasks.items()}
+        self.registry: RegistryReader | None = None
+        self.shadow = ShadowRunner(
+            self.metrics, max_concurrency=settings.shadow.max_concurrency, window=settings.shadow.window
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.states:
+            return
+        self.registry = RegistryReader.from_settings(self.settings, on_load=self._registry_event)
+        await self.registry.start()
+
+    async def aclose(self) -> None:
+        if self.registry is not None:
+            await self.registry.stop()
+        await self.shadow.drain(timeout_s=5.0)
+
+    def _registry_event(self, result: ReloadResult) -> None:
+        # Called from the loading thread; prometheus metrics are thread-safe.
+        if result.outcome in ("loaded", "refused"):
+            self.metrics.registry_loads.labels(task=result.task, result=result.result).inc()
+
+    def readiness(self) -> dict[str, bool]:
+        return {"registry": self.registry is not None} if self.states else {}
+
+    def export_gauges(self) -> None:
+        for name in self.states:
+            specialist = self.registry.get(name) if self.registry else None
+            if specialist is not None:
+                self.metrics.specialist_info.labels(task=name, version=specialist.version).set(1)
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name, state in self.states.items():
+            specialist = self.registry.get(name) if self.registry else None
+            agreement, window = self.shadow.agreement(name)
+            out.append(
+                {
+                    "task": name,
+                    "teacher": state.config.teacher,
+                    "labels": len(state.config.labels),
+                    "target_agreement": state.config.target_agreement,
+                    "shadow_rate": state.config.shadow_rate,
+                    "specialist_version": specialist.version if specialist else None,
+                    "tau": specialist.tau if specialist else None,
+                    "live_agreement": agreement,
+                    "live_agreement_window": window,
+                    "requests_since_start": state.requests,
+                    "offload_rate_since_start": state.served / state.requests if state.requests else None,
+                }
+            )
+        return out
+
+    async def reload(self, task: str) -> dict[str, Any]:
+        if self.registry is None:
+            raise InvalidRequest("no registry is running")
+        result = await self.registry.areload(task)
+        return {**dataclasses.asdict(result), "result": result.result}
+
+    # -- one request --------------------------------------------------------------------------------------
+
+    async def handle(
+        self,
+        task: TaskConfig,
+        raw: dict[str, Any],
+        request: ChatCompletionRequest,
+        timer: Timer,
+        *,
+        force: str | None,
+        is_admin: bool,
+    ) -> Response:
+        if force is not None:
+            if not is_admin:
+                raise PermissionDenied("x-apprentice-force-route is accepted only with an admin key.")
+            if force not in FORCE_ROUTES:
+                raise InvalidRequest(
+                    f"x-apprentice-force-route must be one of {', '.join(FORCE_ROUTES)}, not {force!r}.",
+                    param="x-apprentice-force-route",
+                )
+        state = self.states[task.name]
+        state.requests += 1
+        specialist = self.registry.get(task.name) if self.registry else None
+        text = task_input_text(request, task.input)
+        decision: Decision | None = None
+        if force == "teacher":
+            reason = "forced"
+        elif specialist is None:
+            reason = "no_specialist"
+        elif text is None or unsupported(request) is not None:
+            reason = "unsupported_request"
+        else:
+            decision = specialist.decide(text, top_k=max(5, request.top_logprobs or 0))
+            self.metrics.specialist_latency.labels(task=task.name).observe(decision.inference_ms / 1000)
+            self.metrics.router_score.labels(task=task.name).observe(decision.score)
+            if decision.route == "specialist" or force == "specialist":
+                state.served += 1
+                return self._specialist(state, specialist, decision, raw, request, text or "", timer, force)
+            reason = decision.reason
+        return await self._teacher(state, raw, request, text or "", timer, reason, decision, specialist)
+
+    def _headers(
+        self, route: str, reason: str, decision: Decision | None, specialist: Specialist | None
+    ) -> dict[str, str]:
+        headers = {"x-apprentice-route": route, "x-apprentice-reason": reason}
+        if decision is not None:
+            headers["x-apprentice-score"] = f"{decision.score:.6f}"
+        if specialist is not None:
+            headers["x-apprentice-specialist-version"] = specialist.version
+        return headers
+
+    # -- the specialist answers -------------------------------------------------------------------------
+
+    def _specialist(
+        self,
+        state: TaskState,
+        specialist: Specialist,
+        decision: Decision,
+        raw: dict[str, Any],
+        request: ChatCompletionRequest,
+        text: str,
+        timer: Timer,
+        force: str | None,
+    ) -> Response:
+        task = state.config
+        prompt, completion = state.estimator.estimate(request, decision.label)
+        answer = SpecialistAnswer(
+            decision.label,
+            specialist.version,
+            task.name,
+            prompt,
+            completion,
+            list(decision.label_distribution),
+        )
+        reason = "forced" if force == "specialist" and decision.route != "specialist" else "specialist"
+        m = self.metrics
+        m.tokens.labels(model=task.name, route="specialist", kind="prompt").inc(prompt)
+        m.tokens.labels(model=task.name, route="specialist", kind="completion").inc(completion)
+        m.cost.labels(model=task.name, route="specialist").inc(decision.cpu_s * self.accounting.prices.cpu_second_usd)
+        avoided = self.accounting.prices.cost(task.teacher, prompt, completion)
+        if avoided is not None:
+            m.savings.labels(task=task.name).inc(avoided)
+        if task.shadow_rate > 0 and random.random() < task.shadow_rate:
+            self.shadow.try_start(task.name, self._shadow_call(state, raw, text, decision, specialist.version))
+        headers = self._headers("specialist", reason, decision, specialist)
+        headers["x-apprentice-overhead-ms"] = timer.overhead_ms(0.0)
+        self.accounting.finished(task.name, "specialist", reason, 200, timer, 0.0)
+        if request.stream:
+            return StreamingResponse(
+                _iterate(stream_events(answer, request)),
+                media_type="text/event-stream",
+                headers={**headers, **SSE_HEADERS},
+            )
+        return Response(json.dumps(completion_body(answer, request)), media_type="application/json", headers=headers)
+
+    async def _shadow_call(
+        self, state: TaskState, raw: dict[str, Any], text: str, decision: Decision, version: str
+    ) -> bool | None:
+        task = state.config
+        upstream = self.models.upstream_for(task.teacher)
+        want = self.teacher.upstreams[upstream].config.supports_logprobs
+        t0 = time.perf_counter()
+        done = await self.teacher.complete(upstream, teacher_body(raw, task.teacher, want_logprobs=want, stream=False))
+        reading = read_completion(done.json())
+        self._record(state, raw, text, reading, done.json(), "shadow", "shadow", decision, version, 200, t0)
+        label = reading.label(state.labels)
+        return None if label is None else label == decision.label
+
+    # -- the teacher answers ----------------------------------------------------------------------------------
+
+    async def _teacher(
+        self,
+        state: TaskState,
+        raw: dict[str, Any],
+        request: ChatCompletionRequest,
+        text: str,
+        timer: Timer,
+        reason: str,
+        decision: Decision | None,
+        specialist: Specialist | None,
+    ) -> Response:
+        task = state.config
+        upstream = self.models.upstream_for(task.teacher)
+        want = self.teacher.upstreams[upstream].config.supports_logprobs
+        body = teacher_body(raw, task.teacher, want_logprobs=want, stream=bool(request.stream))
+        headers = self._headers("teacher", reason, decision, specialist)
+        version = specialist.version if specialist else None
+        t0 = time.perf_counter()
+        if request.stream:
+            stream = await self.teacher.open_stream(upstream, body)
+            headers["x-apprentice-upstream"] = stream.upstream
+            headers["x-apprentice-overhead-ms"] = timer.overhead_ms(stream.upstream_s)
+
+            async def relay() -> AsyncIterator[bytes]:
+                rewriter = StreamRewriter(request)
+                status = 200
+                try:
+                    async for line in stream.lines():
+                        out = rewriter.rewrite(line)
+                        if out is not None:
+                            yield out
+                except UpstreamError as exc:
+                    status = exc.status
+                    yield sse_error_event(exc)
+                finally:
+                    await stream.aclose()
+                    reading = rewriter.reading
+                    self._finish_teacher(state, request, reading, reason, timer, stream.upstream_s, status)
+                    self._record(
+                        state, raw, text, reading, reading.as_response(task.teacher), "teacher", reason,
+                        decision, version, status, t0,
+                    )  # fmt: skip
+
+            return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+
+        done = await self.teacher.complete(upstream, body)
+        data = done.json()
+        reading = read_completion(data)
+        self._record(state, raw, text, reading, data, "teacher", reason, decision, version, done.status, t0)
+        data = json.loads(done.content)  # a fresh copy: the log keeps the teacher's logprobs
+        data["model"] = request.model
+        for choice in data.get("choices") or []:
+            if isinstance(choice, dict):
+                fit_logprobs_to_client(choice, request)
+        headers["x-apprentice-upstream"] = done.upstream
+        headers["x-apprentice-overhead-ms"] = timer.overhead_ms(done.upstream_s)
+        self._finish_teacher(state, request, reading, reason, timer, done.upstream_s, done.status)
+        return Response(json.dumps(data), status_code=done.status, media_type="application/json", headers=headers)
+
+    def _finish_teacher(
+        self,
+        state: TaskState,
+        request: ChatCompletionRequest,
+        reading: TeacherReading,
+        reason: str,
+        timer: Timer,
+        upstream_s: float,
+        status: int,
+    ) -> None:
+        task = state.config
+        self.accounting.teacher_cost(task.name, task.teacher, reading.prompt_tokens, reading.completion_tokens)
+        if reading.prompt_tokens is not None and reading.completion_tokens is not None:
+            state.estimator.observe(request, reading.prompt_tokens, reading.completion_tokens)
+        self.accounting.finished(task.name, "teacher", reason, status, timer, upstream_s)
+
+    def _record(
+        self,
+        state: TaskState,
+        raw: dict[str, Any],
+        text: str,
+        reading: TeacherReading,
+        response: dict[str, Any],
+        route: str,
+        reason: str,
+        decision: Decision | None,
+        version: str | None,
+        status: int,
+        t0: float,
+    ) -> None:
+        task = state.config
+        cost = self.accounting.prices.cost(task.teacher, reading.prompt_tokens, reading.completion_tokens)
+        self.sink.submit(
+            InferenceRecord(
+                task=task.name,
+                route="shadow" if route == "shadow" else "teacher",
+                reason=reason,
+                input_text=text,
+                teacher_model=task.teacher,
+                teacher_text=reading.text,
+                teacher_label=reading.label(state.labels),
+                label_distribution=reading.distribution(state.labels),
+                request=raw,
+                response=response,
+                status=status,
+                latency_ms=(time.perf_counter() - t0) * 1000,
+                prompt_tokens=reading.prompt_tokens,
+                completion_tokens=reading.completion_tokens,
+                cost_usd=cost,
+                score=decision.score if decision else None,
+                specialist_label=decision.label if decision else None,
+                specialist_version=version,
+            )
+        )
+
+
+async def _iterate(events: Any) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event

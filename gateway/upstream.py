@@ -1,0 +1,357 @@
+"""The teacher side: one shared httpx.AsyncClient for OpenAI-compatible upstreams, litellm for the rest.
+
+Every attempt goes through `TeacherClient._chain`: per upstream, retries with exponential backoff and full
+jitter on 429, 5xx and connection errors (a `retry-after` the upstream sends is honoured up to a cap), then the
+upstream's ordered fallbacks. An upstream's own 4xx (other than 429) is final and passes through unchanged.
+Timeouts: connect, first byte (httpx's read timeout, which also bounds each gap in a stream) and total.
+Unit tests inject an `httpx.AsyncBaseTransport`; end-to-end tests run a real upstream server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from gateway.errors import (
+    ApiError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.metrics import Metrics
+from gateway.settings import Settings, UpstreamConfig
+
+log = logging.getLogger("apprentice.upstream")
+T = TypeVar("T")
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class Upstream:
+    name: str
+    config: UpstreamConfig
+    key: str | None
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        base = (self.config.api_base or "").rstrip("/")
+        self.url = f"{base}/chat/completions"
+        self.headers = {"content-type": "application/json"}
+        if self.key:
+            self.headers["authorization"] = f"Bearer {self.key}"
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished non-streaming answer: the upstream's JSON bytes as it sent them, and where it came from."""
+
+    upstream: str
+    status: int
+    content: bytes
+    upstream_s: float
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.content)
+        return data if isinstance(data, dict) else {}
+
+
+@dataclass(slots=True)
+class Stream:
+    """An opened SSE stream (status 200 seen). Iterate `lines()`; always `aclose()`."""
+
+    upstream: str
+    upstream_s: float
+    _lines: AsyncIterator[str]
+    _close: Callable[[], Awaitable[None]]
+    _read_timeout: float
+    _deadline: float
+
+    async def lines(self) -> AsyncIterator[str]:
+        """SSE lines without the newline. Raises UpstreamError if the stream breaks or ends without [DONE]."""
+        saw_done = False
+        try:
+            while True:
+                t0 = time.perf_counter()
+                remaining = self._deadline - t0
+                if remaining <= 0:
+                    raise UpstreamTimeout(self.upstream, "the total deadline passed mid-stream")
+                try:
+                    async with asyncio.timeout(remaining):
+                        line = await anext(self._lines)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    raise UpstreamTimeout(self.upstream, "the total deadline passed mid-stream") from exc
+                finally:
+                    self.upstream_s += time.perf_counter() - t0
+                if line == "data: [DONE]":
+                    saw_done = True
+                yield line
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.upstream, f"no data for {self._read_timeout:g}s mid-stream") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(self.upstream, f"the stream broke: {exc!r}") from exc
+        if not saw_done:
+            raise UpstreamUnavailable(self.upstream, "the stream ended before data: [DONE]")
+
+    async def aclose(self) -> None:
+        await self._close()
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.metrics = metrics
+        self._sleep = sleep
+        self.upstreams = {name: Upstream(name, cfg, cfg.resolved_key(name)) for name, cfg in settings.upstreams.items()}
+        self.http = httpx.AsyncClient(
+            transport=transport,
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30),
+            timeout=httpx.Timeout(60.0, connect=5.0),
+            follow_redirects=False,
+        )
+        self._litellm: Any = None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    async def list_models(self, name: str) -> list[str]:
+        up = self.upstreams[name]
+        base = (up.config.api_base or "").rstrip("/")
+        resp = await self.http.get(f"{base}/models", headers=up.headers, timeout=up.config.timeouts.connect_s * 2)
+        resp.raise_for_status()
+        return [str(m["id"]) for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m]
+
+    async def complete(self, name: str, body: dict[str, Any]) -> Completion:
+        return await self._chain(name, lambda up: self._complete_once(up, body))
+
+    async def open_stream(self, name: str, body: dict[str, Any]) -> Stream:
+        return await self._chain(name, lambda up: self._open_stream_once(up, body))
+
+    # -- retries and fallbacks ------------------------------------------------------------------------------
+
+    async def _chain(self, name: str, attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+        chain = [name, *self.upstreams[name].config.fallbacks]
+        last: UpstreamError | None = None
+        for i, current in enumerate(chain):
+            if i > 0:
+                self.metrics.upstream_fallbacks.labels(from_upstream=chain[i - 1], to_upstream=current).inc()
+                log.warning("falling back from upstream %s to %s: %s", chain[i - 1], current, last)
+            try:
+                return await self._with_retries(self.upstreams[current], attempt)
+            except UpstreamStatusError as exc:
+                if exc.upstream_status not in RETRYABLE_STATUS:
+                    raise  # the upstream's own verdict on the request: no other upstream will think otherwise
+                last = exc
+            except UpstreamError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _with_retries(self, up: Upstream, attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+        policy = up.config.retry
+        for n in range(policy.max_retries + 1):
+            try:
+                return await attempt(up)
+            except UpstreamStatusError as exc:
+                self.metrics.upstream_errors.labels(upstream=up.name, kind=str(exc.upstream_status)).inc()
+                if exc.upstream_status not in RETRYABLE_STATUS or n == policy.max_retries:
+                    raise
+                delay = self._backoff(n, up, exc.headers.get("retry-after"))
+                if delay is None:
+                    raise
+            except UpstreamTimeout:
+                # A slow upstream stays slow: waiting twice as long helps nobody, so fall back instead.
+                self.metrics.upstream_errors.labels(upstream=up.name, kind="timeout").inc()
+                raise
+            except UpstreamUnavailable:
+                self.metrics.upstream_errors.labels(upstream=up.name, kind="connect").inc()
+                if n == policy.max_retries:
+                    raise
+                delay = self._backoff(n, up, None)
+                assert delay is not None
+            self.metrics.upstream_retries.labels(upstream=up.name).inc()
+            await self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _backoff(n: int, up: Upstream, retry_after: str | None) -> float | None:
+        """Full-jitter exponential backoff; a retry-after header wins. None: the upstream asked for too long."""
+        policy = up.config.retry
+        if retry_after is not None:
+            try:
+                wait = max(0.0, float(retry_after))
+            except ValueError:
+                wait = None  # an HTTP date: fall back to our own backoff
+            if wait is not None:
+                return wait if wait <= policy.max_retry_after_s else None
+        return random.uniform(0, min(policy.backoff_max_s, policy.backoff_base_s * 2**n))
+
+    # -- one attempt ------------------------------------------------------------------------------------------
+
+    def _timeout(self, up: Upstream) -> httpx.Timeout:
+        t = up.config.timeouts
+        return httpx.Timeout(connect=t.connect_s, read=t.first_byte_s, write=t.connect_s, pool=t.connect_s)
+
+    async def _complete_once(self, up: Upstream, body: dict[str, Any]) -> Completion:
+        if up.config.provider == "litellm":
+            return await self._litellm_complete(up, body)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(up.config.timeouts.total_s):
+                resp = await self.http.post(up.url, content=_dumps(body), headers=up.headers, timeout=self._timeout(up))
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(up.name, _describe_transport(exc)) from exc
+        elapsed = time.perf_counter() - t0
+        self.metrics.upstream_latency.labels(upstream=up.name).observe(elapsed)
+        if resp.status_code >= 400:
+            raise UpstreamStatusError(up.name, resp.status_code, resp.content, _retry_headers(resp))
+        return Completion(up.name, resp.status_code, resp.content, elapsed)
+
+    async def _open_stream_once(self, up: Upstream, body: dict[str, Any]) -> Stream:
+        if up.config.provider == "litellm":
+            return await self._litellm_stream(up, body)
+        t0 = time.perf_counter()
+        deadline = t0 + up.config.timeouts.total_s
+        request = self.http.build_request(
+            "POST", up.url, content=_dumps(body), headers=up.headers, timeout=self._timeout(up)
+        )
+        try:
+            async with asyncio.timeout(up.config.timeouts.total_s):
+                resp = await self.http.send(request, stream=True)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(up.name, _describe_transport(exc)) from exc
+        if resp.status_code >= 400:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await resp.aclose()
+            raise UpstreamStatusError(up.name, resp.status_code, content, _retry_headers(resp))
+        elapsed = time.perf_counter() - t0
+        self.metrics.upstream_latency.labels(upstream=up.name).observe(elapsed)
+        return Stream(up.name, elapsed, resp.aiter_lines(), resp.aclose, up.config.timeouts.first_byte_s, deadline)
+
+    # -- litellm (imported on first use only) -------------------------------------------------------------
+
+    def _litellm_module(self) -> Any:
+        if self._litellm is None:
+            import litellm
+
+            litellm.drop_params = True
+            self._litellm = litellm
+        return self._litellm
+
+    def _litellm_kwargs(self, up: Upstream, body: dict[str, Any]) -> dict[str, Any]:
+        kwargs = dict(body)
+        kwargs["model"] = up.config.litellm_prefix + str(body["model"])
+        kwargs["timeout"] = up.config.timeouts.total_s
+        kwargs["num_retries"] = 0
+        if up.key:
+            kwargs["api_key"] = up.key
+        if up.config.api_base:
+            kwargs["api_base"] = up.config.api_base
+        return kwargs
+
+    async def _litellm_call(self, up: Upstream, kwargs: dict[str, Any]) -> Any:
+        litellm = self._litellm_module()
+        try:
+            async with asyncio.timeout(up.config.timeouts.total_s):
+                return await litellm.acompletion(**kwargs)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(up.name, f"no answer within {up.config.timeouts.total_s:g}s") from exc
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise _from_litellm(up.name, exc) from exc
+
+    async def _litellm_complete(self, up: Upstream, body: dict[str, Any]) -> Completion:
+        t0 = time.perf_counter()
+        kwargs = self._litellm_kwargs(up, body)
+        kwargs.pop("stream", None)
+        response = await self._litellm_call(up, kwargs)
+        data = response.model_dump(exclude_none=True)
+        data["model"] = body["model"]
+        return Completion(up.name, 200, _dumps(data), time.perf_counter() - t0)
+
+    async def _litellm_stream(self, up: Upstream, body: dict[str, Any]) -> Stream:
+        t0 = time.perf_counter()
+        kwargs = self._litellm_kwargs(up, body)
+        kwargs["stream"] = True
+        wrapper = await self._litellm_call(up, kwargs)
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for chunk in wrapper:
+                    data = chunk.model_dump(exclude_none=True)
+                    data["model"] = body["model"]
+                    yield "data: " + json.dumps(data, separators=(",", ":"))
+                    yield ""
+            except Exception as exc:
+                raise httpx.ReadError(f"litellm stream failed: {exc!r}") from exc
+            yield "data: [DONE]"
+            yield ""
+
+        async def close() -> None:
+            return None
+
+        t = up.config.timeouts
+        return Stream(up.name, time.perf_counter() - t0, lines(), close, t.first_byte_s, t0 + t.total_s)
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _retry_headers(resp: httpx.Response) -> dict[str, str]:
+    value = resp.headers.get("retry-after")
+    return {"retry-after": value} if value is not None else {}
+
+
+def _describe_timeout(exc: Exception, up: Upstream) -> str:
+    t = up.config.timeouts
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return f"could not connect within {t.connect_s:g}s"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no response within {t.first_byte_s:g}s"
+    return f"no complete response within {t.total_s:g}s"
+
+
+def _describe_transport(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection failed ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _from_litellm(upstream: str, exc: Exception) -> UpstreamError:
+    status = getattr(exc, "status_code", None)
+    message = str(getattr(exc, "message", None) or exc)
+    if "timeout" in type(exc).__name__.lower():
+        return UpstreamTimeout(upstream, message)
+    if isinstance(status, int) and status >= 400:
+        body = json.dumps({"error": {"message": message, "type": None, "param": None, "code": None}})
+        return UpstreamStatusError(upstream, status, body.encode())
+    return UpstreamUnavailable(upstream, message)
