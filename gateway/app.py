@@ -102,7 +102,8 @@ class Services:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per request.
     services: Services = request.app.state.services
     return services
 

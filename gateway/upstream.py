@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.settings import Settings, UpstreamConfig
+from gateway.transport import AiohttpTransport
 
 log = logging.getLogger("apprentice.upstream")
 T = TypeVar("T")
@@ -40,12 +41,16 @@ class Upstream:
     name: str
     config: UpstreamConfig
     key: str | None
-    url: str = ""
+    url: httpx.URL = field(default_factory=lambda: httpx.URL("http://unset"))
     headers: dict[str, str] = field(default_factory=dict)
+    timeout: httpx.Timeout = field(default_factory=lambda: httpx.Timeout(5.0))
 
     def __post_init__(self) -> None:
+        t = self.config.timeouts
+        self.timeout = httpx.Timeout(connect=t.connect_s, read=t.first_byte_s, write=t.connect_s, pool=t.connect_s)
         base = (self.config.api_base or "").rstrip("/")
-        self.url = f"{base}/chat/completions"
+        # Parsed once: httpx re-parses a str URL on every request.
+        self.url = httpx.URL(f"{base}/chat/completions")
         self.headers = {"content-type": "application/json"}
         if self.key:
             self.headers["authorization"] = f"Bearer {self.key}"
@@ -121,8 +126,7 @@ class TeacherClient:
         self._sleep = sleep
         self.upstreams = {name: Upstream(name, cfg, cfg.resolved_key(name)) for name, cfg in settings.upstreams.items()}
         self.http = httpx.AsyncClient(
-            transport=transport,
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30),
+            transport=transport or AiohttpTransport(),
             timeout=httpx.Timeout(60.0, connect=5.0),
             follow_redirects=False,
         )
@@ -207,17 +211,13 @@ class TeacherClient:
 
     # -- one attempt ------------------------------------------------------------------------------------------
 
-    def _timeout(self, up: Upstream) -> httpx.Timeout:
-        t = up.config.timeouts
-        return httpx.Timeout(connect=t.connect_s, read=t.first_byte_s, write=t.connect_s, pool=t.connect_s)
-
     async def _complete_once(self, up: Upstream, body: dict[str, Any]) -> Completion:
         if up.config.provider == "litellm":
             return await self._litellm_complete(up, body)
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
-                resp = await self.http.post(up.url, content=_dumps(body), headers=up.headers, timeout=self._timeout(up))
+                resp = await self.http.post(up.url, content=_dumps(body), headers=up.headers, timeout=up.timeout)
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
         except httpx.TransportError as exc:
@@ -233,9 +233,7 @@ class TeacherClient:
             return await self._litellm_stream(up, body)
         t0 = time.perf_counter()
         deadline = t0 + up.config.timeouts.total_s
-        request = self.http.build_request(
-            "POST", up.url, content=_dumps(body), headers=up.headers, timeout=self._timeout(up)
-        )
+        request = self.http.build_request("POST", up.url, content=_dumps(body), headers=up.headers, timeout=up.timeout)
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
                 resp = await self.http.send(request, stream=True)
