@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +101,24 @@ def _prepare_multiprocess_metrics(workers: int) -> None:
     os.makedirs(directory, exist_ok=True)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server.port: cannot bind {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info") -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -112,11 +131,14 @@ def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info")
 
     import uvicorn
 
+    sock = bind_socket(settings.server.host, settings.server.port)
+    host, port = sock.getsockname()[:2]
+    # Port 0 asks the kernel for a free port; this line is how a caller learns which one it got.
+    print(f"apprentice listening on http://{_url_host(host)}:{port}", flush=True)
     uvicorn.run(
         "gateway.server:app_factory",
         factory=True,
-        host=settings.server.host,
-        port=settings.server.port,
+        fd=sock.fileno(),
         workers=settings.server.workers,
         loop="uvloop",
         http="httptools",

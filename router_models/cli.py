@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 app = typer.Typer(
     name="apprentice",
@@ -71,6 +74,155 @@ def serve(
     try:
         run_server(args, access_log=access_log)
     except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _settings(config: Path | None) -> Settings:
+    from gateway.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise AssertionError("unreachable") from exc
+
+
+def _task(settings: Settings, task: str) -> None:
+    if task not in settings.tasks:
+        known = ", ".join(sorted(settings.tasks)) or "none (add tasks: to the config)"
+        _fail(f"--task {task!r} is not a configured task; configured tasks: {known}")
+
+
+@app.command()
+def distill(
+    task: Annotated[str, typer.Option(help="The task to distill (a key under tasks: in the config).")],
+    config: ConfigOpt = None,
+    since: Annotated[str | None, typer.Option(help="Only log records newer than this, e.g. 7d, 12h.")] = None,
+    student: Annotated[str | None, typer.Option(help="tfidf or minilm (default: the task's student).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Train, calibrate and evaluate, but promote nothing.")] = False,
+) -> None:
+    """Log -> dataset -> train -> calibrate -> evaluate -> gate -> promote a new specialist version.
+
+    Exit code 0 when a version was promoted or the gate kept the current one (the report says which)."""
+    from gateway.durations import parse_duration
+    from router_models.distill import DistillError, run_distill
+
+    settings = _settings(config)
+    _task(settings, task)
+    if student is not None and student not in ("tfidf", "minilm"):
+        _fail(f"--student must be tfidf or minilm, not {student!r}")
+    try:
+        since_s = parse_duration(since) if since else None
+    except ValueError as exc:
+        _fail(f"--since: {exc}")
+        return
+    try:
+        outcome = run_distill(settings, task, since_s=since_s, dry_run=dry_run, student=student)
+    except DistillError as exc:
+        _fail(str(exc))
+        return
+    verdict = "promoted" if outcome.promoted else "not promoted"
+    typer.echo(f"{task}: {verdict} ({outcome.reason}); version {outcome.version}; report {outcome.report_dir}")
+
+
+registry_app = typer.Typer(help="List, promote and roll back specialist versions.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+def registry_list(
+    task: Annotated[str, typer.Option(help="The task.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Versions of a task, oldest first; * marks the current one."""
+    from router_models.registry import list_versions
+
+    settings = _settings(config)
+    _task(settings, task)
+    versions = list_versions(settings.registry.path, task)
+    if not versions:
+        typer.echo(f"{task}: no versions under {settings.registry.path / task}")
+    for v in versions:
+        agreement = v.metrics.get("holdout_agreement_served")
+        coverage = v.metrics.get("holdout_coverage")
+        typer.echo(
+            f"{'*' if v.current else ' '} {v.version}  {v.student:7s} tau={v.tau:.4f}  "
+            f"coverage={coverage}  agreement={agreement}  created={v.created_at}"
+        )
+
+
+@registry_app.command("promote")
+def registry_promote(
+    task: Annotated[str, typer.Option(help="The task.")],
+    version: Annotated[str, typer.Argument(help="The version to make current.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Point the task's `current` at VERSION (atomically); running gateways pick it up."""
+    from router_models.registry import RegistryError, promote
+
+    settings = _settings(config)
+    _task(settings, task)
+    try:
+        previous = promote(settings.registry.path, task, version)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(f"{task}: current is now {version} (was {previous})")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    task: Annotated[str, typer.Option(help="The task.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Return the task's `current` to the version it replaced."""
+    from router_models.registry import RegistryError, rollback
+
+    settings = _settings(config)
+    _task(settings, task)
+    try:
+        version = rollback(settings.registry.path, task)
+    except RegistryError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{task}: rolled back; current is now {version}")
+
+
+log_app = typer.Typer(help="The inference log.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
+
+
+@log_app.command("prune")
+def log_prune(
+    older_than: Annotated[str, typer.Option(help="Delete records older than this, e.g. 30d, 12h.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Delete inference-log records older than a duration."""
+    from gateway.logstore import prune_log
+
+    settings = _settings(config)
+    try:
+        removed = prune_log(settings.log.url, older_than)
+    except ValueError as exc:
+        _fail(f"--older-than: {exc}")
+        return
+    typer.echo(f"removed {removed} records older than {older_than}")
+
+
+@app.command("reference-teacher")
+def reference_teacher(
+    data: Annotated[Path, typer.Option(help="CLINC150 JSON or JSONL {text,label,split} dataset.")],
+    port: Annotated[int, typer.Option(help="Port (0 = any free port; the READY line names it).")] = 0,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Added latency per answer, like a remote LLM.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Which part of the train split the teacher learns from.")] = 0,
+) -> None:
+    """Serve the reference teacher: an offline OpenAI-compatible stand-in for a frontier LLM (not an LLM)."""
+    from router_models.datasets import DatasetError
+    from router_models.reference_teacher_server import serve_reference_teacher
+
+    try:
+        serve_reference_teacher(data, host, port, latency_ms, seed=seed)
+    except (DatasetError, FileNotFoundError) as exc:
         _fail(str(exc))
 
 
