@@ -81,18 +81,25 @@ class Accounting:
         self.prices = prices
 
     def teacher_cost(
-        self, metric_model: str, priced_model: str, prompt: int | None, completion: int | None
+        self,
+        metric_model: str,
+        priced_model: str,
+        prompt: int | None,
+        completion: int | None,
+        *,
+        route: str = "teacher",
     ) -> float | None:
+        """Counts tokens and cost of one teacher answer; route "shadow" for the background shadow calls."""
         m = self.metrics
         if prompt is not None:
-            m.tokens.labels(model=metric_model, route="teacher", kind="prompt").inc(prompt)
+            m.tokens.labels(model=metric_model, route=route, kind="prompt").inc(prompt)
         if completion is not None:
-            m.tokens.labels(model=metric_model, route="teacher", kind="completion").inc(completion)
+            m.tokens.labels(model=metric_model, route=route, kind="completion").inc(completion)
         cost = self.prices.cost(priced_model, prompt, completion)
         if cost is None:
             m.cost_unknown.labels(model=metric_model).inc()
         else:
-            m.cost.labels(model=metric_model, route="teacher").inc(cost)
+            m.cost.labels(model=metric_model, route=route).inc(cost)
         return cost
 
     def finished(self, model: str, route: str, reason: str, status: int, timer: Timer, upstream_s: float) -> None:

@@ -226,6 +226,35 @@ def reference_teacher(
         _fail(str(exc))
 
 
+@app.command()
+def demo(
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset (default: CLINC150 from ../shared/data, else downloaded).")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Days of traffic, each followed by a distill.")] = 3,
+    student: Annotated[str, typer.Option(help="tfidf or minilm.")] = "tfidf",
+    workdir: Annotated[Path, typer.Option(help="Registry, log, configs and plot go here.")] = Path(
+        ".apprentice/demo"
+    ),
+    serve: Annotated[bool, typer.Option(help="Keep serving the trained specialist until Ctrl-C.")] = True,
+    traffic_limit: Annotated[int | None, typer.Option(help="Replay at most this many requests.")] = None,
+    test_limit: Annotated[int | None, typer.Option(help="Test on at most this many requests.")] = None,
+) -> None:
+    """The whole flywheel offline: reference teacher, gateway, distill each day, then serve the specialist."""
+    from router_models.datasets import DatasetError
+    from router_models.demo import run_demo
+
+    if student not in ("tfidf", "minilm"):
+        _fail(f"--student must be tfidf or minilm, not {student!r}")
+    try:
+        run_demo(
+            data=data, workdir=workdir, days=days, student=student, serve=serve,
+            traffic_limit=traffic_limit, test_limit=test_limit,
+        )  # fmt: skip
+    except DatasetError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     try:
         app()

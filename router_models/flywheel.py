@@ -1,0 +1,402 @@
+"""The flywheel, end to end through real processes: the reference teacher, the gateway, `apprentice distill`.
+
+Day d replays a slice of the train-split traffic (in-scope and out-of-scope) through the gateway with the
+`openai` client, then runs `apprentice distill`. After the last day the whole test split goes through the
+gateway. Each test input is also asked of the teacher directly (outside the gateway, not counted as gateway
+cost) so that agreement and the all-teacher cost are measured, not assumed. Used by `benchmarks.flywheel`
+and `apprentice demo`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.pricing import PriceBook
+from gateway.settings import PricingConfig
+from router_models.datasets import Dataset, Example, load_dataset
+from router_models.processes import Child, apprentice_command, start, wait_ready
+from router_models.reference_teacher import MODEL_ID, traffic_examples
+
+TASK = "intent"
+ADMIN_KEY = "flywheel-admin"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class FlywheelConfig:
+    data: Path
+    workdir: Path
+    days: int = 3
+    student: str = "tfidf"
+    target_agreement: float = 0.97
+    shadow_rate: float = 0.02
+    # The real model the teacher is priced as (litellm's price map), so costs are in real dollars.
+    teacher_priced_as: str = "gpt-4o"
+    teacher_latency_ms: float = 0.0
+    seed: int = 0
+    concurrency: int = 8
+    # Caps for smoke runs: None replays all traffic / the whole test split.
+    traffic_limit: int | None = None
+    test_limit: int | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    label: str
+    route: str
+    reason: str
+    content: str
+    version: str | None
+
+
+@dataclass
+class FlywheelResult:
+    dataset: str
+    teacher: str
+    student: str
+    target_agreement: float
+    requests: int
+    teacher_accuracy_in_scope: float
+    system_accuracy_in_scope: float
+    offload_in_scope: float
+    agreement_offloaded: float | None
+    oos_escalation_recall: float
+    cost_ratio: float | None
+    gateway_cost_usd: float
+    all_teacher_cost_usd: float
+    days: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _config_yaml(cfg: FlywheelConfig, teacher_url: str, labels: list[str]) -> dict[str, Any]:
+    return {
+        "upstreams": {"teacher": {"api_base": teacher_url + "/v1", "models": [MODEL_ID]}},
+        "tasks": {
+            TASK: {
+                "teacher": MODEL_ID,
+                "labels": labels,
+                "target_agreement": cfg.target_agreement,
+                "shadow_rate": cfg.shadow_rate,
+                "student": cfg.student,
+            }
+        },
+        "auth": {"admin_keys": [ADMIN_KEY]},
+        "registry": {"path": str(cfg.workdir / "registry"), "poll_interval_s": 0.5},
+        "log": {"url": f"sqlite:///{cfg.workdir / 'inference.db'}", "spool_dir": str(cfg.workdir / "spool")},
+        "pricing": {"aliases": {MODEL_ID: cfg.teacher_priced_as}},
+    }
+
+
+async def _replay(base_url: str, examples: Sequence[Example], concurrency: int, progress: Progress) -> list[Answer]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=2, timeout=120)
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(example: Example) -> Answer:
+        nonlocal done
+        async with gate:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=TASK, messages=[{"role": "user", "content": example.text}]
+            )
+        completion = raw.parse()
+        done += 1
+        if done % 500 == 0:
+            progress(f"  {done}/{len(examples)} requests")
+        h = raw.headers
+        return Answer(
+            example.text,
+            example.label,
+            h.get("x-apprentice-route", "?"),
+            h.get("x-apprentice-reason", "?"),
+            completion.choices[0].message.content or "",
+            h.get("x-apprentice-specialist-version"),
+        )
+
+    try:
+        return list(await asyncio.gather(*(one(e) for e in examples)))
+    finally:
+        await client.close()
+
+
+async def _ask_teacher(teacher_url: str, texts: Sequence[str], concurrency: int) -> list[tuple[str, int, int]]:
+    """(answer, prompt_tokens, completion_tokens) straight from the teacher, for each text."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=teacher_url + "/v1", api_key="unused", max_retries=2, timeout=120)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(text: str) -> tuple[str, int, int]:
+        async with gate:
+            c = await client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}])
+        usage = c.usage
+        return (
+            c.choices[0].message.content or "",
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
+
+    try:
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+    finally:
+        await client.close()
+
+
+def _scrape_costs(gateway_url: str) -> float:
+    text = httpx.get(gateway_url + "/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "apprentice_cost_usd":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+def _current_version(gateway_url: str) -> str | None:
+    resp = httpx.get(gateway_url + "/admin/tasks", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    resp.raise_for_status()
+    version: str | None = resp.json()["data"][0]["specialist_version"]
+    return version
+
+
+def _wait_for_version(gateway_url: str, version: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _current_version(gateway_url) == version:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the gateway did not load version {version} within {timeout_s:g}s")
+
+
+def _distill(cfg: FlywheelConfig, config_path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        apprentice_command("distill", "--task", TASK, "--config", str(config_path), "--student", cfg.student),
+        capture_output=True,
+        text=True,
+        env={**_env()},
+        check=False,
+    )
+    seconds = time.perf_counter() - t0
+    (cfg.workdir / "logs").mkdir(exist_ok=True)
+    with (cfg.workdir / "logs" / "distill.log").open("a", encoding="utf-8") as log:
+        log.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"apprentice distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = _latest_report(cfg.workdir / "registry" / TASK)
+    return {"seconds": round(seconds, 1), "output": proc.stdout.strip().splitlines()[-1:], "report": report}
+
+
+def _latest_report(task_dir: Path) -> dict[str, Any]:
+    reports = sorted(task_dir.glob("**/report.json"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        return {}
+    data: dict[str, Any] = json.loads(reports[-1].read_text())
+    return data
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    from router_models.processes import OFFLINE_ENV
+
+    return {**os.environ, **OFFLINE_ENV}
+
+
+def _share(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+def _fresh(workdir: Path) -> None:
+    """The flywheel owns its workdir: every run starts with an empty registry and log."""
+    import shutil
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("registry", "spool", "logs"):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+    for db in workdir.glob("inference.db*"):
+        db.unlink()
+
+
+def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelResult:
+    _fresh(cfg.workdir)
+    dataset: Dataset = load_dataset(cfg.data)
+    traffic = traffic_examples(dataset, cfg.seed)
+    random.Random(cfg.seed).shuffle(traffic)
+    if cfg.traffic_limit is not None:
+        traffic = traffic[: cfg.traffic_limit]
+    test = list(dataset.split("test"))
+    random.Random(cfg.seed + 1).shuffle(test)
+    if cfg.test_limit is not None:
+        test = test[: cfg.test_limit]
+    logs = cfg.workdir / "logs"
+    children: list[Child] = []
+    try:
+        progress(f"starting the reference teacher on {dataset.name} ({len(dataset.labels)} labels)")
+        teacher = start(
+            "teacher",
+            apprentice_command(
+                "reference-teacher", "--data", str(cfg.data), "--port", "0", "--seed", str(cfg.seed),
+                "--latency-ms", str(cfg.teacher_latency_ms),
+            ),
+            logs,
+        )  # fmt: skip
+        children.append(teacher)
+        config_path = cfg.workdir / "apprentice.yaml"
+        config_path.write_text(yaml.safe_dump(_config_yaml(cfg, teacher.url, dataset.labels), sort_keys=False))
+        gateway = start("gateway", apprentice_command("serve", "--config", str(config_path), "--port", "0"), logs)
+        children.append(gateway)
+        wait_ready(gateway.url)
+        progress(f"gateway on {gateway.url}, teacher on {teacher.url}")
+
+        days: list[dict[str, Any]] = []
+        per_day = -(-len(traffic) // cfg.days)
+        for day in range(1, cfg.days + 1):
+            batch = traffic[(day - 1) * per_day : day * per_day]
+            progress(f"day {day}: replaying {len(batch)} requests")
+            t0 = time.perf_counter()
+            answers = asyncio.run(_replay(gateway.url, batch, cfg.concurrency, progress))
+            replay_s = time.perf_counter() - t0
+            in_scope = [a for a in answers if a.label != "oos"]
+            served = [a for a in in_scope if a.route == "specialist"]
+            progress(f"day {day}: distilling")
+            distilled = _distill(cfg, config_path)
+            version = (cfg.workdir / "registry" / TASK / "current").read_text().strip()
+            _wait_for_version(gateway.url, version)
+            report = distilled["report"]
+            days.append(
+                {
+                    "day": day,
+                    "requests": len(answers),
+                    "offload_in_scope": _share(len(served), len(in_scope)),
+                    "specialist_accuracy_in_scope": _share(sum(a.content == a.label for a in served), len(served))
+                    if served else None,
+                    "replay_seconds": round(replay_s, 1),
+                    "distill_seconds": distilled["seconds"],
+                    "promoted": report.get("promoted"),
+                    "version": version,
+                    "holdout_coverage": report.get("metrics", {}).get("holdout_coverage"),
+                    "holdout_agreement": report.get("metrics", {}).get("holdout_agreement_served"),
+                }
+            )  # fmt: skip
+            progress(f"day {day}: {json.dumps(days[-1])}")
+
+        progress(f"test: sending {len(test)} requests through the gateway and to the teacher directly")
+        cost_before = _scrape_costs(gateway.url)
+        answers = asyncio.run(_replay(gateway.url, test, cfg.concurrency, progress))
+        time.sleep(1.0)  # shadow calls finish in the background; their cost is the gateway's too
+        gateway_cost = _scrape_costs(gateway.url) - cost_before
+        direct = asyncio.run(_ask_teacher(teacher.url, [e.text for e in test], cfg.concurrency))
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+    prices = PriceBook(PricingConfig())
+    price = prices.price(cfg.teacher_priced_as)
+    all_teacher_cost = sum(price.cost(p, c) for _, p, c in direct) if price else 0.0
+    in_scope = [(a, d) for a, d in zip(answers, direct, strict=True) if a.label != "oos"]
+    oos = [a for a in answers if a.label == "oos"]
+    offloaded = [(a, d) for a, d in zip(answers, direct, strict=True) if a.route == "specialist"]
+    served_in_scope = [a for a, _ in in_scope if a.route == "specialist"]
+    result = FlywheelResult(
+        dataset=dataset.name,
+        teacher=f"{MODEL_ID} (priced as {cfg.teacher_priced_as})",
+        student=cfg.student,
+        target_agreement=cfg.target_agreement,
+        requests=len(traffic) + len(test),
+        teacher_accuracy_in_scope=_share(sum(d[0] == a.label for a, d in in_scope), len(in_scope)),
+        system_accuracy_in_scope=_share(sum(a.content == a.label for a, _ in in_scope), len(in_scope)),
+        offload_in_scope=_share(len(served_in_scope), len(in_scope)),
+        agreement_offloaded=_share(sum(a.content == d[0] for a, d in offloaded), len(offloaded)) if offloaded else None,
+        oos_escalation_recall=_share(sum(a.route == "teacher" for a in oos), len(oos)),
+        cost_ratio=gateway_cost / all_teacher_cost if all_teacher_cost > 0 else None,
+        gateway_cost_usd=gateway_cost,
+        all_teacher_cost_usd=all_teacher_cost,
+        days=days,
+        test={
+            "in_scope": len(in_scope),
+            "oos": len(oos),
+            "offloaded": len(offloaded),
+            "reasons": {r: sum(a.reason == r for a in answers) for r in sorted({a.reason for a in answers})},
+        },
+    )
+    return result
+
+
+def main_table(result: FlywheelResult) -> str:
+    """The markdown summary both the benchmark and the demo print."""
+    lines = [
+        "| day | requests | offload (in-scope) | specialist accuracy | holdout coverage | holdout agreement "
+        "| promoted |",
+        "|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for d in result.days:
+        lines.append(
+            f"| {d['day']} | {d['requests']} | {d['offload_in_scope']:.3f} | {_fmt(d['specialist_accuracy_in_scope'])} "
+            f"| {_fmt(d['holdout_coverage'])} | {_fmt(d['holdout_agreement'])} | {d['promoted']} |"
+        )
+    lines += [
+        "",
+        "| test split | value |",
+        "|---|---:|",
+        f"| teacher accuracy (in-scope) | {result.teacher_accuracy_in_scope:.4f} |",
+        f"| system accuracy (in-scope) | {result.system_accuracy_in_scope:.4f} |",
+        f"| offload (in-scope) | {result.offload_in_scope:.4f} |",
+        f"| agreement with the teacher on offloaded requests | {_fmt(result.agreement_offloaded)} |",
+        f"| out-of-scope escalation recall | {result.oos_escalation_recall:.4f} |",
+        f"| cost ratio (gateway / all-teacher) | {_fmt(result.cost_ratio)} |",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def plot(result: FlywheelResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    days = [d["day"] for d in result.days]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(days, [d["offload_in_scope"] for d in result.days], "o-", label="offload on the day's traffic")
+    acc = [d["specialist_accuracy_in_scope"] for d in result.days]
+    ax.plot(days, [a if a is not None else float("nan") for a in acc], "s-", label="specialist accuracy")
+    hold = [d["holdout_agreement"] for d in result.days]
+    ax.plot(days, [h if h is not None else float("nan") for h in hold], "^--", label="holdout agreement (distill)")
+    ax.axhline(result.target_agreement, color="grey", ls=":", label=f"target agreement {result.target_agreement}")
+    ax.scatter([days[-1] + 0.5], [result.offload_in_scope], marker="*", s=150, color="C0", label="test offload")
+    if result.agreement_offloaded is not None:
+        ax.scatter([days[-1] + 0.5], [result.agreement_offloaded], marker="*", s=150, color="C2",
+                   label="test agreement (offloaded)")  # fmt: skip
+    ax.set_xlabel("day (distill after each)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"apprentice flywheel on {result.dataset} ({result.student} student)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover - use benchmarks.flywheel or `apprentice demo`
+    sys.exit("run python -m benchmarks.flywheel or apprentice demo")
