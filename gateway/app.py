@@ -173,7 +173,7 @@ def _build_services(settings: Settings, transport: Any, sink: InferenceSink | No
     prices = PriceBook(settings.pricing)
     accounting = Accounting(metrics, prices)
     if sink is None:
-        sink = _make_sink(settings) if settings.tasks else MemorySink()
+        sink = _make_sink(settings, metrics) if settings.tasks else MemorySink()
     models = ModelTable(settings)
     tasks = TaskService(settings, teacher, accounting, sink, models)
     return Services(
@@ -188,10 +188,15 @@ def _build_services(settings: Settings, transport: Any, sink: InferenceSink | No
     )
 
 
-def _make_sink(settings: Settings) -> InferenceSink:
+def _make_sink(settings: Settings, metrics: Metrics) -> InferenceSink:
     from gateway.logstore import create_sink
+    from gateway.logstore_writer import LogWriter
 
-    return create_sink(settings.log)
+    sink = create_sink(settings.log)
+    if isinstance(sink, LogWriter):
+        # Called from the event loop and from writer threads; prometheus counters are thread-safe.
+        sink.on_count = lambda outcome, n: metrics.log_records.labels(outcome=outcome).inc(n)
+    return sink
 
 
 async def _discover_models(services: Services) -> None:
@@ -286,6 +291,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/metrics")
     async def metrics(services: ServicesDep) -> Response:
         services.tasks.export_gauges()
+        depth = getattr(services.sink, "queue_depth", None)
+        if isinstance(depth, int):
+            services.metrics.log_queue_depth.set(depth)
         return Response(services.metrics.render(), media_type=services.metrics.content_type)
 
     @app.get("/admin/tasks")

@@ -1,0 +1,385 @@
+"""The durable log writer against real stores: batching, queue-full spill, outages with spool and replay,
+restart replay of a spool left behind, records the store refuses, redaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.inference_log import InferenceRecord, input_hash
+from gateway.logstore import LogStore, LogWriter
+
+PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
+FAST = {"flush_interval_s": 0.02, "retry_initial_s": 0.05, "retry_max_s": 0.2}
+
+
+def make_record(i: int, **fields) -> InferenceRecord:
+    values = {
+        "task": "intent",
+        "route": "teacher",
+        "reason": "ood",
+        "input_text": f"what is my balance {i}",
+        "teacher_model": "gpt-4o-mini",
+        "teacher_text": "balance",
+        "teacher_label": "balance",
+        "label_distribution": {"balance": 0.8, "transfer": 0.2},
+        "request": {"messages": [{"role": "user", "content": f"what is my balance {i}"}]},
+        "response": {"choices": [{"message": {"role": "assistant", "content": "balance"}}]},
+        "status": 200,
+        "latency_ms": 3.0,
+        "created_at": 1_700_000_000.0 + i,
+    }
+    values.update(fields)
+    return InferenceRecord(**values)
+
+
+async def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("spool-*.jsonl"))
+
+
+def stored_ids(store: LogStore) -> list[str]:
+    return [record.id for record in store.iter_records("intent")]
+
+
+@pytest.fixture
+def pg_url():
+    try:
+        psycopg.connect(PG_DSN).close()
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {exc}")
+    name = f"apprentice_test_{secrets.token_hex(4)}"
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?schema={name}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+class SqliteLock:
+    """Another client holding SQLite's write lock: to the writer the store is down ("database is locked")."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+
+    def __enter__(self) -> SqliteLock:
+        self.conn.execute("BEGIN EXCLUSIVE")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+
+
+class TcpProxy:
+    """A TCP forwarder to PostgreSQL that can be cut (connection refused, live connections reset) and restored."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._server: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen()
+        server.settimeout(0.05)
+        self.port = server.getsockname()[1]
+        self._server = server
+        self._spawn(self._accept, server)
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while self._server is server:
+            try:
+                client, _ = server.accept()
+            except (TimeoutError, OSError):
+                continue
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            self._spawn(self._pump, client, upstream)
+            self._spawn(self._pump, upstream, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        for thread in self._threads[:1]:
+            thread.join()
+        if server is not None:
+            server.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join()
+        for sock in sockets:
+            sock.close()
+        self._threads = []
+
+
+async def test_writes_everything_in_batches_off_the_loop(tmp_path):
+    counts: dict[str, int] = {}
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(
+        store,
+        spool_dir=tmp_path / "spool",
+        batch_size=50,
+        on_count=lambda name, n: counts.__setitem__(name, counts.get(name, 0) + n),
+        **FAST,
+    )
+    await writer.start()
+    records = [make_record(i) for i in range(500)]
+    for i, record in enumerate(records):
+        writer.submit(record)
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+    await wait_until(lambda: store.count() == 500, what="background writes")  # before aclose
+    assert writer.queue_depth == 0
+    await writer.aclose()
+    assert stored_ids(store) == [r.id for r in records]
+    assert writer.stats.written == 500 and writer.stats.spooled == 0 and writer.stats.dropped == 0
+    assert counts == {"written": 500}
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_a_lone_record_is_flushed_after_the_interval(tmp_path):
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", batch_size=1000, flush_interval_s=0.05)
+    await writer.start()
+    writer.submit(make_record(1))
+    await wait_until(lambda: store.count() == 1, timeout=2.0, what="the flush interval")
+    await writer.aclose()
+
+
+async def test_queue_full_spills_to_the_spool_not_to_the_floor(tmp_path):
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", queue_size=8, **FAST)
+    await writer.start()
+    records = [make_record(i) for i in range(300)]
+    for record in records:  # no await: the writer task cannot run, the queue fills
+        writer.submit(record)
+    assert writer.queue_depth == 8
+    assert writer.stats.spooled == 292 and writer.stats.dropped == 0
+    assert sum(len(p.read_bytes().splitlines()) for p in spool_files(tmp_path / "spool")) == 292
+    await wait_until(lambda: store.count() == 300, what="replay of the spilled records")
+    await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in records)
+    assert writer.stats.replayed == 292 and writer.stats.written == 8 and writer.stats.dropped == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_sqlite_locked_mid_run_loses_nothing(tmp_path):
+    db = tmp_path / "log.db"
+    store = LogStore(f"sqlite:///{db}", busy_timeout_ms=50)
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", batch_size=20, **FAST)
+    await writer.start()
+    records = [make_record(i) for i in range(300)]
+    for record in records[:100]:
+        writer.submit(record)
+    await wait_until(lambda: writer.stats.written == 100, what="first writes")
+    with SqliteLock(db):
+        for record in records[100:200]:
+            writer.submit(record)
+            await asyncio.sleep(0)
+        await wait_until(lambda: writer.stats.spooled == 100, what="spooling while locked")
+        assert not writer.store_available
+        await asyncio.sleep(0.3)  # a few failed replay rounds
+        assert writer.stats.write_errors >= 2
+    for record in records[200:]:
+        writer.submit(record)
+    await wait_until(lambda: store.count() == 300, what="replay after the lock is gone")
+    await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in records)  # each exactly once
+    # Until a replay round sees the store back, new batches keep going to the spool: both paths count.
+    assert writer.stats.written + writer.stats.replayed == 300 and writer.stats.replayed >= 100
+    assert writer.stats.spooled == writer.stats.replayed and writer.stats.dropped == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
+@pytest.mark.postgres
+async def test_postgres_connection_refused_mid_run_loses_nothing(tmp_path, pg_url):
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    proxy.start()
+    url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    writer = LogWriter(LogStore(url, connect_timeout_s=2), spool_dir=tmp_path / "spool", batch_size=20, **FAST)
+    direct = LogStore(pg_url)
+    try:
+        await writer.start()
+        records = [make_record(i) for i in range(240)]
+        for record in records[:80]:
+            writer.submit(record)
+        await wait_until(lambda: writer.stats.written == 80, what="first writes")
+        proxy.stop()
+        for record in records[80:160]:
+            writer.submit(record)
+            await asyncio.sleep(0)
+        await wait_until(lambda: writer.stats.spooled == 80, what="spooling while refused")
+        await asyncio.sleep(0.3)
+        assert direct.count() == 80
+        proxy.start()  # same port
+        for record in records[160:]:
+            writer.submit(record)
+        await wait_until(lambda: direct.count() == 240, what="replay after reconnect")
+        await writer.aclose()
+        assert sorted(stored_ids(direct)) == sorted(r.id for r in records)
+        assert writer.stats.written + writer.stats.replayed == 240 and writer.stats.replayed >= 80
+        assert writer.stats.dropped == 0
+        assert spool_files(tmp_path / "spool") == []
+    finally:
+        direct.close()
+        proxy.stop()
+
+
+@pytest.mark.postgres
+async def test_postgres_schema_gone_mid_run_loses_nothing(tmp_path, pg_url):
+    schema = pg_url.rsplit("schema=", 1)[1]
+    writer = LogWriter(LogStore(pg_url), spool_dir=tmp_path / "spool", batch_size=20, **FAST)
+    await writer.start()
+    records = [make_record(i) for i in range(150)]
+    for record in records[:50]:
+        writer.submit(record)
+    await wait_until(lambda: writer.stats.written == 50, what="first writes")
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        admin.execute(f'ALTER SCHEMA "{schema}" RENAME TO "{schema}_away"')
+        for record in records[50:100]:
+            writer.submit(record)
+            await asyncio.sleep(0)
+        await wait_until(lambda: writer.stats.spooled == 50, what="spooling while the schema is gone")
+        admin.execute(f'ALTER SCHEMA "{schema}_away" RENAME TO "{schema}"')
+    for record in records[100:]:
+        writer.submit(record)
+    await writer.aclose()  # the final replay happens here if the replayer has not got there first
+    direct = LogStore(pg_url)
+    try:
+        assert sorted(stored_ids(direct)) == sorted(r.id for r in records)
+    finally:
+        direct.close()
+    assert writer.stats.dropped == 0 and writer.stats.replayed >= 50
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_restart_replays_the_spool_left_behind(tmp_path):
+    db = tmp_path / "log.db"
+    spool = tmp_path / "spool"
+    records = [make_record(i) for i in range(60)]
+    first = LogWriter(LogStore(f"sqlite:///{db}", busy_timeout_ms=50), spool_dir=spool, **FAST)
+    await first.start()  # migrates while the store is still free
+    with SqliteLock(db):
+        for record in records:
+            first.submit(record)
+        await first.aclose()  # flush fails: everything goes to the spool
+    assert first.stats.spooled == 60 and first.stats.written == 0 and first.stats.dropped == 0
+    assert sum(len(p.read_bytes().splitlines()) for p in spool_files(spool)) == 60
+    late = make_record(999)
+    first.submit(late)  # after close: spooled, for the next start
+    assert first.stats.spooled == 61
+
+    second = LogWriter(LogStore(f"sqlite:///{db}"), spool_dir=spool, **FAST)
+    await second.start()
+    await wait_until(lambda: second.stats.replayed == 61, what="replay at start")
+    await second.aclose()
+    store = LogStore(f"sqlite:///{db}")
+    assert sorted(stored_ids(store)) == sorted([r.id for r in [*records, late]])
+    store.close()
+    assert spool_files(spool) == []
+
+
+async def test_a_live_writers_spool_is_not_taken_over(tmp_path):
+    db = tmp_path / "log.db"
+    spool = tmp_path / "spool"
+    owner = LogWriter(LogStore(f"sqlite:///{db}", busy_timeout_ms=50), spool_dir=spool, queue_size=1, **FAST)
+    await owner.start()
+    with SqliteLock(db):
+        owner.submit(make_record(1))
+        owner.submit(make_record(2))  # queue full: spooled by submit, in the owner's locked segment
+        other = LogWriter(LogStore(f"sqlite:///{tmp_path}/other.db"), spool_dir=spool, **FAST)
+        await other.start()
+        await asyncio.sleep(0.2)
+        assert owner.stats.spooled == 2 and spool_files(spool)
+        assert other.stats.replayed == 0 and other.store.count() == 0
+        await other.aclose()
+    await owner.aclose()
+    store = LogStore(f"sqlite:///{db}")
+    assert store.count() == 2
+    store.close()
+
+
+async def test_records_the_store_refuses_are_set_aside_not_lost(tmp_path, caplog):
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", **FAST)
+    await writer.start()
+    nan = make_record(1, label_distribution={"balance": math.nan})  # not valid JSON for a database
+    unserialisable = make_record(2, request={"messages": object()})
+    good = [make_record(i) for i in range(3, 13)]
+    with caplog.at_level(logging.ERROR, logger="apprentice.logstore"):
+        for record in [*good[:5], nan, unserialisable, *good[5:]]:
+            writer.submit(record)
+        await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in good)
+    assert writer.stats.written == 10 and writer.stats.rejected == 1
+    # The one legitimate drop: a record that cannot be serialised anywhere, and it is logged.
+    assert writer.stats.dropped == 1
+    assert any("DROPPED" in m and unserialisable.id in m for m in caplog.messages)
+    (rejected_file,) = (tmp_path / "spool").glob("rejected-*.jsonl")
+    kept = json.loads(rejected_file.read_text().splitlines()[0])
+    assert kept["record"]["id"] == nan.id
+    assert "not JSON compliant" in kept["error"]
+
+
+async def test_redaction_happens_before_the_write(tmp_path):
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", redact=True, **FAST)
+    await writer.start()
+    raw = "reach me at ann@example.org or +1 555 123 4567"
+    writer.submit(make_record(1, input_text=raw, request={"messages": [{"role": "user", "content": raw}]}))
+    await writer.aclose()
+    (stored,) = store.iter_records("intent")
+    assert stored.input_text == "reach me at [EMAIL] or [PHONE]"
+    assert stored.request == {"messages": [{"role": "user", "content": "reach me at [EMAIL] or [PHONE]"}]}
+    assert stored.input_sha256 == input_hash(stored.input_text)
+    store.close()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"ann@example.org" not in path.read_bytes(), path
