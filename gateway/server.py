@@ -50,22 +50,28 @@ def build_settings(args: ServeArgs) -> Settings:
         if not os.environ.get(args.client_key_env):
             raise ConfigError(f"--client-key-env: environment variable {args.client_key_env} is not set or empty")
         overrides["auth"] = {"api_keys": [f"env:{args.client_key_env}"]}
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "allow_unauthenticated": args.allow_unauthenticated or None,
+    }
+    # Passed through load_settings (merged into the file's `server` section) so flags are validated like the
+    # file: `--workers 0` or `--port 70000` fail naming server.workers / server.port.
+    overrides["server"] = {k: v for k, v in flags.items() if v is not None}
     settings = load_settings(Path(args.config) if args.config else None, **overrides)
-    server = settings.server.model_copy(
-        update={
-            k: v
-            for k, v in {
-                "host": args.host,
-                "port": args.port,
-                "workers": args.workers,
-                "allow_unauthenticated": args.allow_unauthenticated or None,
-            }.items()
-            if v is not None
-        }
-    )
-    settings = settings.model_copy(update={"server": server})
+    check_secrets(settings)
     check_bind(settings)
     return settings
+
+
+def check_secrets(settings: Settings) -> None:
+    """Reads every secret reference now: a missing one fails before binding, naming its key, and not as a
+    traceback in each worker's start-up after the address was already announced."""
+    for name, upstream in settings.upstreams.items():
+        upstream.resolved_key(name)
+    settings.auth.resolved("api_keys")
+    settings.auth.resolved("admin_keys")
 
 
 def check_bind(settings: Settings) -> None:
@@ -135,10 +141,9 @@ def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info")
     host, port = sock.getsockname()[:2]
     # Port 0 asks the kernel for a free port; this line is how a caller learns which one it got.
     print(f"apprentice listening on http://{_url_host(host)}:{port}", flush=True)
-    uvicorn.run(
+    config = uvicorn.Config(
         "gateway.server:app_factory",
         factory=True,
-        fd=sock.fileno(),
         workers=settings.server.workers,
         loop="uvloop",
         http="httptools",
@@ -146,3 +151,11 @@ def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info")
         log_level=log_level,
         timeout_graceful_shutdown=10,
     )
+    # The bound socket object itself goes to uvicorn: `fd=` would rebuild it as AF_UNIX, and uvloop then never
+    # sets TCP_NODELAY, so every response body waits ~40 ms for the client's delayed ACK.
+    if settings.server.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,1 @@
+"""Reproducible measurements of apprentice (overhead, distillation speed, flywheel) and their helpers."""
