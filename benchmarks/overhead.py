@@ -161,9 +161,16 @@ litellm_settings:
     return RunningTarget("litellm-proxy", url, process.pid, headers, ctx.bodies, process, info)
 
 
+def start_specialist(ctx: BenchContext) -> RunningTarget:
+    from benchmarks._specialist_target import start_specialist as start
+
+    return start(ctx)
+
+
 BUILTIN_TARGETS: dict[str, TargetFactory] = {
     "direct": start_direct,
     "apprentice": start_apprentice,
+    "apprentice-specialist": start_specialist,
     "litellm-proxy": start_litellm,
 }
 
@@ -182,6 +189,8 @@ def smoke_check(target: RunningTarget, upstream: FakeUpstreamProcess) -> None:
         raise RuntimeError(f"smoke request failed: {resp.status_code} {resp.text[:500]}")
     if target.relays_upstream and _upstream_hits(upstream) <= before:
         raise RuntimeError("the smoke request did not reach the upstream")
+    if not target.relays_upstream and resp.headers.get("x-apprentice-route") != "specialist":
+        raise RuntimeError(f"the smoke request was not served by the specialist: {dict(resp.headers)}")
 
 
 def measure(
