@@ -1,0 +1,1 @@
+"""Offline path of apprentice: datasets, students, OOD, calibration, export, registry writer, distill."""
