@@ -100,6 +100,13 @@ class TaskService:
         # Called from the loading thread; prometheus metrics are thread-safe.
         if result.outcome in ("loaded", "refused"):
             self.metrics.registry_loads.labels(task=result.task, result=result.result).inc()
+        if result.outcome == "loaded" and result.version is not None:
+            # Set here, in every worker that swaps, not at scrape time: the version swapped out must drop to 0,
+            # or the info gauge names two versions as serving.
+            info = self.metrics.specialist_info
+            if result.previous is not None and result.previous != result.version:
+                info.labels(task=result.task, version=result.previous).set(0)
+            info.labels(task=result.task, version=result.version).set(1)
 
     def readiness(self) -> dict[str, bool]:
         return {"registry": self.registry is not None} if self.states else {}
@@ -170,14 +177,22 @@ class TaskService:
         elif text is None or unsupported(request) is not None:
             reason = "unsupported_request"
         else:
-            decision = specialist.decide(text, top_k=max(5, request.top_logprobs or 0))
+            # The distribution is only needed for logprobs; skipping it saves a sort per request.
+            top_k = max(1, request.top_logprobs or 0) if request.logprobs else 0
+            decision = specialist.decide(text, top_k=top_k)
             self.metrics.specialist_latency.labels(task=task.name).observe(decision.inference_ms / 1000)
             self.metrics.router_score.labels(task=task.name).observe(decision.score)
             if decision.route == "specialist" or force == "specialist":
                 state.served += 1
                 return self._specialist(state, specialist, decision, raw, request, text or "", timer, force)
             reason = decision.reason
-        return await self._teacher(state, raw, request, text or "", timer, reason, decision, specialist)
+        try:
+            return await self._teacher(state, raw, request, text or "", timer, reason, decision, specialist)
+        except UpstreamError as exc:
+            # Failed requests count too: a teacher outage must show as requests_total{status="502"}.
+            self.metrics.requests.labels(model=task.name, route="teacher", reason=reason, status=str(exc.status)).inc()
+            self.metrics.latency.labels(model=task.name, route="teacher").observe(timer.elapsed())
+            raise
 
     def _headers(
         self, route: str, reason: str, decision: Decision | None, specialist: Specialist | None

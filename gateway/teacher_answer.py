@@ -25,6 +25,8 @@ def teacher_body(raw: dict[str, Any], teacher_model: str, *, want_logprobs: bool
         body["stream"] = True
         body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     else:
+        # A shadow call of a streamed request reads one JSON answer: the client's stream flag must not go along.
+        body.pop("stream", None)
         body.pop("stream_options", None)
     return body
 
@@ -37,10 +39,15 @@ def fit_logprobs_to_client(choice: dict[str, Any], request: ChatCompletionReques
         choice["logprobs"] = None
         return
     keep = request.top_logprobs or 0
-    content = (choice.get("logprobs") or {}).get("content") or []
-    for entry in content:
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
+        return
+    # New entry dicts, never trimmed in place: a StreamRewriter's reading holds the same entries, and the
+    # inference log needs all 20 alternatives whatever the client asked for.
+    logprobs = choice["logprobs"] = {**logprobs, "content": list(logprobs["content"])}
+    for i, entry in enumerate(logprobs["content"]):
         if isinstance(entry, dict) and isinstance(entry.get("top_logprobs"), list):
-            entry["top_logprobs"] = entry["top_logprobs"][:keep]
+            logprobs["content"][i] = {**entry, "top_logprobs": entry["top_logprobs"][:keep]}
 
 
 @dataclass(slots=True)
