@@ -79,6 +79,24 @@ def _tool_arguments(tool: dict[str, Any]) -> str:
     return json.dumps(args)
 
 
+def _check_tools(tools: Any) -> None:
+    """Refuse malformed tools with a 400 as OpenAI does, instead of echoing a bad name into a tool call."""
+    if not isinstance(tools, list):
+        raise BadRequest(400, "Invalid type for 'tools': expected an array.", param="tools")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in ("function", "custom"):
+            raise BadRequest(400, f"Invalid value for 'tools[{i}].type'.", param=f"tools[{i}].type")
+        function = tool.get("function")
+        if kind == "function" and not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("parameters", {}), dict)
+        ):
+            message = f"Invalid value for 'tools[{i}].function': it needs a string name and object parameters."
+            raise BadRequest(400, message, param=f"tools[{i}].function")
+
+
 def _prompt_tokens(messages: list[Any]) -> int:
     chars = 0
     for message in messages:
@@ -131,6 +149,8 @@ def plan_chat(body: Any, models: list[str], completion_id: str, content_override
     if not isinstance(n, int) or n < 1:
         raise BadRequest(400, "'n' must be a positive integer", param="n")
     tools = body.get("tools")
+    if tools is not None:
+        _check_tools(tools)
     tool_choice = body.get("tool_choice")
     tool_call = None
     if isinstance(tools, list) and tools and tool_choice != "none":

@@ -157,4 +157,6 @@ def error_response(exc: ApiError) -> Response:
 
 def sse_error_event(exc: ApiError) -> bytes:
     """The event that ends a stream which broke after it had started: never a silent truncation."""
-    return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    # The leading blank line ends an event the upstream left unterminated (its `data:` line would otherwise
+    # merge with this one into unparseable JSON); after a complete event it is an empty line SSE ignores.
+    return b"\ndata: " + json.dumps(exc.body()).encode() + b"\n\n"

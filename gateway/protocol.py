@@ -8,50 +8,68 @@ field instead of an upstream round trip.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest
 
+# strict: no coercion ("yes" -> True, "0.5" -> 0.5). The raw body is what gets forwarded, so the view we act on
+# (e.g. `stream`) must be exactly what the upstream will read; OpenAI itself rejects such values with a 400.
+_WIRE = ConfigDict(extra="allow", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 8.0; strict mode alone would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     type: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     include_usage: bool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: JsonInt | None = Field(default=None, ge=1, le=128)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: JsonInt | None = Field(default=None, ge=1)
+    max_completion_tokens: JsonInt | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: JsonInt | None = None
     stop: str | list[str] | None = None
+
+
+def _is_branch(part: str) -> bool:
+    # pydantic names union branches by type ("str", "list[str]", "dict[str,any]", "function-after[...]"); no
+    # field of the request has such a name.
+    return part in ("str", "int", "float", "bool", "none", "literal") or any(c in part for c in "[-,")
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -59,12 +77,13 @@ def _param(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[ContentPart]", "function-after", "literal"):
-            # pydantic's union branch names are not fields of the request
-            continue
-        else:
+        elif not _is_branch(part):
             out += f".{part}" if out else str(part)
     return out
+
+
+def _within(param: str, field: str) -> bool:
+    return param == field or param.startswith((field + ".", field + "["))
 
 
 def parse_chat_request(body: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
@@ -80,7 +99,11 @@ def parse_chat_request(body: bytes) -> tuple[dict[str, Any], ChatCompletionReque
     try:
         request = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        first = _param(errors[0]["loc"])
+        # A union reports one error per branch; the deepest one is about the branch the input took (a list's
+        # bad item), not "should be a string". max() keeps the first of equally deep errors.
+        err = max((e for e in errors if _within(_param(e["loc"]), first)), key=lambda e: len(_param(e["loc"])))
         param = _param(err["loc"])
         if err["type"] == "missing":
             message = f"Missing required parameter: '{param}'."

@@ -120,6 +120,18 @@ class Passthrough:
     async def handle(
         self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer
     ) -> Response:
+        try:
+            return await self._handle(upstream, raw, request, timer)
+        except UpstreamError as exc:
+            # Failed requests count too: an upstream outage must show as requests_total{status="502"}.
+            m = self.accounting.metrics
+            m.requests.labels(model=request.model, route="teacher", reason="passthrough", status=str(exc.status)).inc()
+            m.latency.labels(model=request.model, route="teacher").observe(timer.elapsed())
+            raise
+
+    async def _handle(
+        self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer
+    ) -> Response:
         if request.stream:
             stream = await self.teacher.open_stream(upstream, raw)
             headers = self._headers(stream.upstream, timer, stream.upstream_s)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 import httpx
 
-
 # aiohttp computes these from the body it sends; a second copy would make the request ambiguous.
 _SET_BY_AIOHTTP = frozenset({"content-length", "transfer-encoding"})
 
