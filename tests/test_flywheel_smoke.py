@@ -1,0 +1,85 @@
+"""Issue 5 at smoke size: the flywheel benchmark end to end and `apprentice demo --no-serve`, on a small JSONL
+dataset cut from CLINC150 (real processes: reference teacher, gateway, `apprentice distill`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from procs import REPO_ROOT, child_env
+
+CLINC150 = REPO_ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
+LABELS = 8
+
+
+@pytest.fixture(scope="module")
+def small_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 intents: 40 train / 10 val / 12 test each, plus out-of-scope examples in every split."""
+    data = json.loads(CLINC150.read_text())
+    labels = sorted({label for _, label in data["train"]})[:: 150 // LABELS][:LABELS]
+    rows = []
+    for split, per_label, oos_split, oos_n in (("train", 40, "oos_train", 20), ("val", 10, "oos_val", 10),
+                                               ("test", 12, "oos_test", 24)):  # fmt: skip
+        for label in labels:
+            rows += [{"text": t, "label": label, "split": split} for t, lab in data[split] if lab == label][:per_label]
+        rows += [{"text": t, "label": "oos", "split": split} for t, _ in data[oos_split][:oos_n]]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=child_env({"PYTHONPATH": str(REPO_ROOT)}), capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "flywheel.json"
+    proc = _run(
+        ["-m", "benchmarks.flywheel", "--data", str(small_jsonl), "--days", "2", "--out", str(out),
+         "--workdir", str(tmp_path / "work"), "--concurrency", "4"],
+        REPO_ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("dataset", "teacher", "student", "target_agreement", "requests", "teacher_accuracy_in_scope",
+                "system_accuracy_in_scope", "offload_in_scope", "agreement_offloaded", "oos_escalation_recall",
+                "cost_ratio", "days", "machine", "versions"):  # fmt: skip
+        assert key in result, key
+    assert [d["day"] for d in result["days"]] == [1, 2]
+    # Day 1 has no specialist yet: everything goes to the teacher; distill then promotes a first version.
+    assert result["days"][0]["offload_in_scope"] == 0.0
+    assert result["days"][0]["promoted"] is True
+    test_rows = LABELS * 12 + 24
+    train_traffic = result["requests"] - test_rows
+    assert train_traffic == sum(d["requests"] for d in result["days"])
+    assert result["test"]["in_scope"] == LABELS * 12 and result["test"]["oos"] == 24
+    for key in ("teacher_accuracy_in_scope", "system_accuracy_in_scope", "offload_in_scope", "oos_escalation_recall"):
+        assert 0.0 <= result[key] <= 1.0
+    # The teacher is priced as a real model, so the all-teacher cost is known and the ratio is finite.
+    assert result["all_teacher_cost_usd"] > 0 and result["cost_ratio"] is not None
+    assert out.with_suffix(".md").read_text().count("|") > 20
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_demo_no_serve_runs_and_reports_the_saving(small_jsonl: Path, tmp_path: Path) -> None:
+    proc = _run(
+        ["-m", "router_models.cli", "demo", "--data", str(small_jsonl), "--days", "1", "--no-serve",
+         "--workdir", str(tmp_path / "demo")],
+        tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| day |" in proc.stdout
+    assert "out-of-scope escalation recall" in proc.stdout
+    assert "saved" in proc.stdout
+    assert (tmp_path / "demo" / "flywheel.png").is_file()
+    assert (tmp_path / "demo" / "registry" / "intent" / "current").is_file()
