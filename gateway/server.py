@@ -95,15 +95,18 @@ def app_factory() -> FastAPI:
 
 
 def _prepare_multiprocess_metrics(workers: int) -> None:
-    if workers <= 1:
-        return
+    """Several workers need a shared metrics directory; one set by the operator is honoured even for one.
+
+    Either way it is wiped at launch: files of a previous run would be summed into this one's counters.
+    """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
-        # Files of a previous run would be summed into this one's counters.
         shutil.rmtree(directory, ignore_errors=True)
-    else:
+    elif workers > 1:
         directory = tempfile.mkdtemp(prefix="apprentice-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    else:
+        return
     os.makedirs(directory, exist_ok=True)
 
 
