@@ -248,17 +248,22 @@ def _model_card(model_id: str, owner: str) -> dict[str, Any]:
 def _add_routes(app: FastAPI, settings: Settings) -> None:
     limit = settings.server.max_body_bytes
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, services: ServicesDep) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        services: Services = request.app.state.services
         timer = Timer(time.perf_counter())
         is_admin = services.auth.client(request.headers.get("authorization"))
-        raw, parsed = parse_chat_request(await read_body(request, limit))
+        body = await read_body(request, limit)
+        raw, parsed = parse_chat_request(body)
         task = services.settings.tasks.get(parsed.model)
         if task is not None:
             force = request.headers.get("x-apprentice-force-route")
             return await services.tasks.handle(task, raw, parsed, timer, force=force, is_admin=is_admin)
         upstream = services.models.upstream_for(parsed.model)
-        return await services.passthrough.handle(upstream, raw, parsed, timer)
+        return await services.passthrough.handle(upstream, raw, parsed, timer, body)
+
+    # The hot path is a plain Starlette route: FastAPI's dependency solving and endpoint wrapping cost CPU on
+    # every request and give this handler nothing (it reads its own body to map every error to OpenAI's).
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models(request: Request, services: ServicesDep) -> JSONResponse:

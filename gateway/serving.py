@@ -118,10 +118,11 @@ class Passthrough:
         self.accounting = accounting
 
     async def handle(
-        self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer
+        self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer, body: bytes
     ) -> Response:
+        """`body` is the client's request as received: forwarded unchanged, byte for byte."""
         try:
-            return await self._handle(upstream, raw, request, timer)
+            return await self._handle(upstream, raw, request, timer, body)
         except UpstreamError as exc:
             # Failed requests count too: an upstream outage must show as requests_total{status="502"}.
             m = self.accounting.metrics
@@ -130,17 +131,17 @@ class Passthrough:
             raise
 
     async def _handle(
-        self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer
+        self, upstream: str, raw: dict[str, Any], request: ChatCompletionRequest, timer: Timer, body: bytes
     ) -> Response:
         if request.stream:
-            stream = await self.teacher.open_stream(upstream, raw)
+            stream = await self.teacher.open_stream(upstream, raw, encoded=body)
             headers = self._headers(stream.upstream, timer, stream.upstream_s)
             return StreamingResponse(
                 self._relay(stream, request.model, timer),
                 media_type="text/event-stream",
                 headers={**headers, **SSE_HEADERS},
             )
-        done = await self.teacher.complete(upstream, raw)
+        done = await self.teacher.complete(upstream, raw, encoded=body)
         try:
             prompt, completion = usage_of(done.json())
         except ValueError:

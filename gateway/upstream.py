@@ -144,11 +144,12 @@ class TeacherClient:
         resp.raise_for_status()
         return [str(m["id"]) for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m]
 
-    async def complete(self, name: str, body: dict[str, Any]) -> Completion:
-        return await self._chain(name, lambda up: self._complete_once(up, body))
+    async def complete(self, name: str, body: dict[str, Any], *, encoded: bytes | None = None) -> Completion:
+        """`encoded`: the body's JSON as the client sent it, forwarded byte for byte (saves re-encoding)."""
+        return await self._chain(name, lambda up: self._complete_once(up, body, encoded))
 
-    async def open_stream(self, name: str, body: dict[str, Any]) -> Stream:
-        return await self._chain(name, lambda up: self._open_stream_once(up, body))
+    async def open_stream(self, name: str, body: dict[str, Any], *, encoded: bytes | None = None) -> Stream:
+        return await self._chain(name, lambda up: self._open_stream_once(up, body, encoded))
 
     # -- retries and fallbacks ------------------------------------------------------------------------------
 
@@ -211,13 +212,15 @@ class TeacherClient:
 
     # -- one attempt ------------------------------------------------------------------------------------------
 
-    async def _complete_once(self, up: Upstream, body: dict[str, Any]) -> Completion:
+    async def _complete_once(self, up: Upstream, body: dict[str, Any], encoded: bytes | None) -> Completion:
         if up.config.provider == "litellm":
             return await self._litellm_complete(up, body)
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
-                resp = await self.http.post(up.url, content=_dumps(body), headers=up.headers, timeout=up.timeout)
+                resp = await self.http.post(
+                    up.url, content=encoded or _dumps(body), headers=up.headers, timeout=up.timeout
+                )
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
         except httpx.TransportError as exc:
@@ -228,12 +231,14 @@ class TeacherClient:
             raise UpstreamStatusError(up.name, resp.status_code, resp.content, _retry_headers(resp))
         return Completion(up.name, resp.status_code, resp.content, elapsed)
 
-    async def _open_stream_once(self, up: Upstream, body: dict[str, Any]) -> Stream:
+    async def _open_stream_once(self, up: Upstream, body: dict[str, Any], encoded: bytes | None) -> Stream:
         if up.config.provider == "litellm":
             return await self._litellm_stream(up, body)
         t0 = time.perf_counter()
         deadline = t0 + up.config.timeouts.total_s
-        request = self.http.build_request("POST", up.url, content=_dumps(body), headers=up.headers, timeout=up.timeout)
+        request = self.http.build_request(
+            "POST", up.url, content=encoded or _dumps(body), headers=up.headers, timeout=up.timeout
+        )
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
                 resp = await self.http.send(request, stream=True)
