@@ -361,24 +361,3 @@ def _load(path: Path, dataset: Dataset, seed: int, config: TeacherConfig) -> Ref
             )
     except (OSError, ValueError, KeyError):
         return None  # a damaged cache entry is rebuilt
-
-
-def serve_reference_teacher(
-    data: Path,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    latency_ms: float = 0.0,
-    *,
-    seed: int = 0,
-    cache_dir: Path | None = DEFAULT_CACHE_DIR,
-    config: TeacherConfig | None = None,
-    log_level: str = "warning",
-) -> None:
-    """Serves the teacher for `data` over HTTP until interrupted; prints `READY http://HOST:PORT` when listening.
-
-    Implemented in `router_models.reference_teacher_server` (imported here lazily: FastAPI and uvicorn are
-    only needed to serve).
-    """
-    from router_models.reference_teacher_server import serve_reference_teacher as serve
-
-    serve(data, host, port, latency_ms, seed=seed, cache_dir=cache_dir, config=config, log_level=log_level)
