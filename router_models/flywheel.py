@@ -42,7 +42,9 @@ class FlywheelConfig:
     days: int = 3
     student: str = "tfidf"
     target_agreement: float = 0.97
-    shadow_rate: float = 0.02
+    # Higher than the 0.02 default: distill weighs each shadow record by 1/rate, and a few days of traffic need
+    # enough of them to estimate agreement on what the specialist serves.
+    shadow_rate: float = 0.05
     # The real model the teacher is priced as (litellm's price map), so costs are in real dollars.
     teacher_priced_as: str = "gpt-4o"
     teacher_latency_ms: float = 0.0

@@ -1,0 +1,230 @@
+"""Calibration on held-out teacher answers: temperature, router weights, OOD threshold and tau.
+
+All scoring goes through `gateway.router` (apply_temperature, router_features, router_scores) and the online
+rule (ood > threshold -> teacher; s < tau -> teacher; else the specialist), so what is calibrated here is
+what the gateway runs.
+
+tau comes from conformal risk control on a calibration split that the router was not fitted on. For a fixed
+tau, the served calibration inputs and a future served input are exchangeable, so the bound
+(errors(tau) + 1) / (served(tau) + 1) on the disagreement among served inputs holds in expectation (the
+"+1" is the worst case for the unseen input). tau is scanned on a fixed grid from strict to lenient and the
+scan stops at the first grid point whose bound exceeds 1 - target (fixed-sequence testing), so choosing
+among many taus does not spend the guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.manifest import RouterFeature, RouterSpec
+from gateway.router import apply_temperature, router_features, router_scores
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+ROUTER_FEATURES: list[RouterFeature] = ["max_prob", "margin", "entropy", "ood_score"]
+
+
+def fit_temperature(probabilities: FloatArray, label_index: npt.NDArray[np.int64]) -> float:
+    """The T minimising the teacher labels' NLL under apply_temperature(p, T), searched on log T.
+
+    Rows are inputs the teacher labelled (declines have no label to fit). T = 1 with fewer than 10 rows."""
+    if len(label_index) < 10:
+        return 1.0
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(probabilities, 1e-12, 1.0))
+    picked = logp[np.arange(len(label_index)), label_index]
+
+    def nll(log_t: float) -> float:
+        t = math.exp(log_t)
+        z = logp / t
+        zmax = z.max(axis=1)
+        lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
+        return float((lse - picked / t).mean())
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+# The direction each feature may push s(x): more confidence never lowers the score, more entropy or a higher
+# OOD score never raises it. On a few hundred rows an unconstrained fit can give the OOD score a positive
+# weight from noise, and a router that trusts stranger inputs more is wrong whatever the data says.
+FEATURE_SIGNS: dict[str, int] = {"max_prob": 1, "margin": 1, "entropy": -1, "ood_score": -1}
+
+
+def fit_router(
+    calibrated: FloatArray,
+    ood: FloatArray,
+    agree: BoolArray,
+    in_label: BoolArray,
+    ood_quantile: float = 0.99,
+    features: list[RouterFeature] | None = None,
+    l2: float = 1e-3,
+    weights: FloatArray | None = None,
+) -> RouterSpec:
+    """Sign-constrained logistic regression of agree (specialist label == teacher label; declines count as
+    disagreement) on router_features; the OOD threshold is the `ood_quantile` of OOD scores of inputs the
+    teacher labelled."""
+    from scipy.optimize import minimize
+
+    features = features or list(ROUTER_FEATURES)
+    in_dist = ood[in_label]
+    ood_threshold = float(np.quantile(in_dist, ood_quantile)) if in_dist.size else float(ood.max(initial=1.0))
+    x = router_features(calibrated, ood, features)
+    y = agree.astype(np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.mean() if len(w) else w
+    positives = int(agree.sum())
+    if positives in (0, len(agree)):
+        # One class only: no slope to fit; a constant score at the smoothed agreement rate.
+        rate = (positives + 0.5) / (len(agree) + 1.0)
+        return RouterSpec(
+            features=features,
+            weights=[0.0] * len(features),
+            bias=math.log(rate / (1 - rate)),
+            ood_threshold=ood_threshold,
+        )
+
+    def loss(theta: FloatArray) -> tuple[float, FloatArray]:
+        z = theta[0] + x @ theta[1:]
+        # log(1 + e^z) - y z, computed stably; its gradient is (sigmoid(z) - y).
+        value = float(np.mean(w * (np.logaddexp(0.0, z) - y * z))) + 0.5 * l2 * float(theta[1:] @ theta[1:])
+        r = w * (1.0 / (1.0 + np.exp(-z)) - y)
+        grad = np.concatenate([[r.mean()], x.T @ r / len(y) + l2 * theta[1:]])
+        return value, grad
+
+    bounds = [(None, None)] + [(0.0, None) if FEATURE_SIGNS[f] > 0 else (None, 0.0) for f in features]
+    result = minimize(loss, np.zeros(len(features) + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+    theta = result.x
+    return RouterSpec(
+        features=features, weights=[float(w) for w in theta[1:]], bias=float(theta[0]), ood_threshold=ood_threshold
+    )
+
+
+def served_mask(scores: FloatArray, ood: FloatArray, router: RouterSpec, tau: float) -> BoolArray:
+    """The online rule: the specialist answers iff ood <= threshold and s >= tau."""
+    mask: BoolArray = (ood <= router.ood_threshold) & (scores >= tau)
+    return mask
+
+
+@dataclass
+class TauResult:
+    tau: float
+    bound: float | None
+    served: int
+    errors: int
+    n: int
+    grid: list[dict[str, float]] = field(default_factory=list)
+
+
+def conformal_tau(
+    scores: FloatArray,
+    eligible: BoolArray,
+    agree: BoolArray,
+    target: float,
+    grid_points: int = 100,
+    start_fraction: float = 0.1,
+    weights: FloatArray | None = None,
+) -> TauResult:
+    """The smallest tau on a fixed grid, scanned from strict to lenient, whose conformal bound
+    (errors + 1) / (served + 1) on disagreement among served calibration inputs stays <= 1 - target.
+
+    `eligible` marks inputs the OOD threshold lets through. The grid runs over score quantiles from the
+    first point that serves max(3 * (ceil(1/alpha) - 1), start_fraction of the eligible inputs) down to
+    all eligible inputs; it depends on the scores only, never on the labels, as fixed-sequence testing
+    requires. Starting there rather than at the very top keeps one early disagreement among a handful of
+    inputs (a bound of 2/34 at n = 33) from ending the scan. tau = 1.0 (never serve) when the first
+    point fails or there are too few eligible inputs.
+    """
+    alpha = 1.0 - target
+    n = len(scores)
+    candidates = np.sort(scores[eligible])[::-1]
+    min_served = max(1, math.ceil(1.0 / alpha) - 1)
+    result = TauResult(tau=1.0, bound=None, served=0, errors=0, n=n)
+    if candidates.size < min_served:
+        return result
+    first = min(candidates.size, max(3 * min_served, math.ceil(start_fraction * candidates.size)))
+    counts = np.unique(np.linspace(first, candidates.size, grid_points).round().astype(int))
+    # With importance weights (shadow records stand for 1/shadow_rate requests) served and errors are weighted
+    # sums, and the unseen input counts with the largest weight: the worst case for the bound.
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w_new = float(w.max(initial=1.0))
+    for tau in dict.fromkeys(float(candidates[c - 1]) for c in counts):  # strict -> lenient, ties once
+        served = eligible & (scores >= tau)
+        m = int(served.sum())
+        errors = int((served & ~agree).sum())
+        bound = (float(w[served & ~agree].sum()) + w_new) / (float(w[served].sum()) + w_new)
+        result.grid.append({"tau": tau, "served": m, "errors": errors, "bound": bound})
+        if bound > alpha:
+            break
+        result.tau, result.bound, result.served, result.errors = tau, bound, m, errors
+    return result
+
+
+def coverage_curve(
+    scores: FloatArray, eligible: BoolArray, agree: BoolArray, weights: FloatArray | None = None
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(coverage, agreement among served, tau) when serving the top-k eligible inputs by score, k = 1...
+
+    With `weights`, coverage and agreement are shares of the weighted traffic."""
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(-np.where(eligible, scores, -np.inf), kind="stable")[: int(eligible.sum())]
+    hits = np.cumsum(w[order] * agree[order])
+    k = np.cumsum(w[order])
+    return k / max(float(w.sum()), 1e-12), hits / np.maximum(k, 1e-12), scores[order]
+
+
+def evaluate(
+    probabilities: FloatArray,
+    ood: FloatArray,
+    predicted: list[str],
+    teacher: list[str | None],
+    temperature: float,
+    router: RouterSpec,
+    tau: float,
+    target: float,
+    weights: FloatArray | None = None,
+) -> dict[str, Any]:
+    """Holdout metrics of one specialist (its own temperature, router and tau) against the teacher.
+
+    `weights` (see distill_data.to_examples) make coverage and agreement estimates for the whole traffic.
+
+    `predicted` holds the specialist's labels (argmax, by name), `teacher` the teacher's labels (None for a
+    decline, which is never an agreement)."""
+    calibrated = apply_temperature(probabilities, temperature)
+    scores = router_scores(calibrated, ood, router)
+    agree = np.array([t is not None and p == t for p, t in zip(predicted, teacher, strict=True)], dtype=bool)
+    declined = np.array([t is None for t in teacher], dtype=bool)
+    eligible = ood <= router.ood_threshold
+    served = served_mask(scores, ood, router, tau)
+    n = len(teacher)
+    n_served = int(served.sum())
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w_total, w_served = float(w.sum()), float(w[served].sum())
+    coverage, agreement, _ = coverage_curve(scores, eligible, agree, w)
+    meets = np.nonzero(agreement >= target)[0]
+    labelled = ~declined
+    return {
+        "n": n,
+        "served": n_served,
+        "coverage": w_served / w_total if n else 0.0,
+        "agreement_served": float((w * agree)[served].sum() / w_served) if n_served else None,
+        "coverage_at_target": float(coverage[meets[-1]]) if meets.size else 0.0,
+        "accuracy_labelled": float(agree[labelled].mean()) if labelled.any() else None,
+        "declines": int(declined.sum()),
+        "declines_served": int((served & declined).sum()),
+        "ood_routed": int((~eligible).sum()),
+        "curve": _thin_curve(coverage, agreement),
+    }
+
+
+def _thin_curve(coverage: FloatArray, agreement: FloatArray, points: int = 101) -> list[list[float]]:
+    if coverage.size == 0:
+        return []
+    idx = np.unique(np.linspace(0, coverage.size - 1, min(points, coverage.size)).round().astype(int))
+    return [[round(float(coverage[i]), 5), round(float(agreement[i]), 5)] for i in idx]

@@ -1,0 +1,285 @@
+"""The registry writer: write a version completely, then move the task's `current` pointer atomically.
+
+Layout (the contract with `gateway.registry`, which only reads):
+    <registry>/<task>/versions/<version>/model.onnx, manifest.json, report.*, (tokenizer.json)
+    <registry>/<task>/current         the version name; replaced with a temp file + os.replace
+    <registry>/<task>/history.jsonl   {time, version, previous, action} per promotion or rollback
+    <registry>/<task>/.lock           fcntl lock held by a distill run, a promote or a rollback
+
+A version directory is assembled under a hidden temporary name and renamed into place, so `versions/`
+never shows a half-written version, and `current` is only ever pointed at a directory whose model.onnx
+matches the manifest's sha256.
+
+Exceptions: RegistryError, and its subclasses RegistryLockedError (another run holds the task's lock) and
+VersionNotFoundError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.manifest import Manifest
+
+CURRENT = "current"
+HISTORY = "history.jsonl"
+LOCK = ".lock"
+VERSIONS = "versions"
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message says why."""
+
+
+class RegistryLockedError(RegistryError):
+    """Another distill, promote or rollback holds the task's lock."""
+
+
+class VersionNotFoundError(RegistryError):
+    """No complete version of that name exists for the task."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    path: Path
+    created_at: str
+    student: str
+    current: bool
+    tau: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def version_name(model_sha256: str, now: datetime | None = None) -> str:
+    """UTC "YYYYMMDDTHHMMSSZ-<6 hex of the model sha>": sorts by time, differs when the model does."""
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{model_sha256[:6]}"
+
+
+def task_dir(registry_dir: Path, task: str) -> Path:
+    return Path(registry_dir) / task
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def task_lock(registry_dir: Path, task: str) -> Iterator[None]:
+    """Hold <registry>/<task>/.lock exclusively; fail at once (no waiting) if another process holds it."""
+    directory = task_dir(registry_dir, task)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise RegistryLockedError(
+                f"task {task!r} is locked by another run ({holder}); lock file {path}. "
+                "Wait for it to finish; the lock is released automatically when that process exits."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}".encode(), 0)
+        yield
+    finally:
+        # Closing the descriptor releases the flock (also when the process dies).
+        os.close(fd)
+
+
+def _verify(version_dir: Path) -> Manifest:
+    manifest_path = version_dir / "manifest.json"
+    model_path = version_dir / "model.onnx"
+    if not manifest_path.is_file() or not model_path.is_file():
+        raise VersionNotFoundError(f"{version_dir} is not a complete version (model.onnx + manifest.json)")
+    manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    if digest != manifest.model_sha256:
+        raise RegistryError(f"{model_path} has sha256 {digest}, manifest says {manifest.model_sha256}")
+    return manifest
+
+
+def write_version(registry_dir: Path, task: str, files: Mapping[str, bytes | Path], manifest: Manifest) -> Path:
+    """Write model.onnx, the other `files` (name -> bytes or a file to copy) and manifest.json (last) into
+    a hidden temporary directory, fsync, then rename it to versions/<manifest.version>. Returns that path."""
+    if manifest.task != task:
+        raise RegistryError(f"manifest is for task {manifest.task!r}, not {task!r}")
+    if "model.onnx" not in files:
+        raise RegistryError("a version needs model.onnx")
+    if "manifest.json" in files:
+        raise RegistryError("manifest.json is written from the manifest argument")
+    versions = task_dir(registry_dir, task) / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / manifest.version
+    if final.exists():
+        raise RegistryError(f"version {manifest.version} already exists at {final}")
+    tmp = versions / f".tmp-{manifest.version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise RegistryError(f"file name {name!r} must be a plain name")
+            data = content if isinstance(content, bytes) else Path(content).read_bytes()
+            _write_file(tmp / name, data)
+        digest = hashlib.sha256((tmp / "model.onnx").read_bytes()).hexdigest()
+        if digest != manifest.model_sha256:
+            raise RegistryError(f"model.onnx has sha256 {digest}, manifest says {manifest.model_sha256}")
+        _write_file(tmp / "manifest.json", manifest.model_dump_json(indent=2).encode())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(versions)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def current_version(registry_dir: Path, task: str) -> str | None:
+    """The version `current` names, or None if the task has never been promoted."""
+    try:
+        name = (task_dir(registry_dir, task) / CURRENT).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def _history(registry_dir: Path, task: str) -> list[dict[str, Any]]:
+    path = task_dir(registry_dir, task) / HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            entries.append(json.loads(line))
+    return entries
+
+
+def _set_current(registry_dir: Path, task: str, version: str, action: str) -> str | None:
+    directory = task_dir(registry_dir, task)
+    previous = current_version(registry_dir, task)
+    tmp = directory / f".{CURRENT}.{os.getpid()}.tmp"
+    _write_file(tmp, f"{version}\n".encode())
+    os.replace(tmp, directory / CURRENT)
+    _fsync_dir(directory)
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": version,
+        "previous": previous,
+        "action": action,
+    }
+    with open(directory / HISTORY, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return previous
+
+
+def promote(registry_dir: Path, task: str, version: str, *, lock: bool = True) -> str | None:
+    """Point `current` at a complete, verified version; returns the version it replaced.
+
+    `lock=False` is for a caller that already holds `task_lock` (distill)."""
+    version_dir = task_dir(registry_dir, task) / VERSIONS / version
+    if not version_dir.is_dir():
+        raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {version_dir.parent}")
+    with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
+        _verify(version_dir)
+        return _set_current(registry_dir, task, version, "promote")
+
+
+def _promotion_stack(registry_dir: Path, task: str) -> list[str]:
+    """Replay the history: a promotion pushes, a rollback pops; the top is the current version."""
+    stack: list[str] = []
+    for entry in _history(registry_dir, task):
+        if entry.get("action") == "rollback":
+            if stack:
+                stack.pop()
+        elif isinstance(entry.get("version"), str):
+            stack.append(entry["version"])
+    return stack
+
+
+def rollback(registry_dir: Path, task: str, *, lock: bool = True) -> str:
+    """Return `current` to the version it replaced (repeatable: each call goes one promotion further back).
+
+    Returns the version now current. Falls back to the newest complete version older than the current one
+    when the history does not say."""
+    with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
+        current = current_version(registry_dir, task)
+        if current is None:
+            raise RegistryError(f"task {task!r} has no current version to roll back from")
+        stack = _promotion_stack(registry_dir, task)
+        while stack and stack[-1] != current:
+            stack.pop()
+        candidates = stack[:-1][::-1]
+        if not candidates:
+            older = [v.version for v in list_versions(registry_dir, task) if v.version < current]
+            candidates = older[::-1]
+        for target in candidates:
+            try:
+                _verify(task_dir(registry_dir, task) / VERSIONS / target)
+            except RegistryError:
+                continue
+            _set_current(registry_dir, task, target, "rollback")
+            return target
+        raise RegistryError(f"task {task!r} has no earlier complete version than {current!r}")
+
+
+def list_versions(registry_dir: Path, task: str) -> list[VersionInfo]:
+    """Complete versions of a task, oldest first (hidden temporary directories are not versions)."""
+    versions = task_dir(registry_dir, task) / VERSIONS
+    if not versions.is_dir():
+        return []
+    current = current_version(registry_dir, task)
+    out = []
+    for path in sorted(p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            manifest = Manifest.model_validate_json((path / "manifest.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        out.append(
+            VersionInfo(
+                version=path.name,
+                path=path,
+                created_at=manifest.created_at,
+                student=manifest.student,
+                current=path.name == current,
+                tau=manifest.tau,
+                metrics=dict(manifest.metrics),
+            )
+        )
+    return out
+
+
+def remove_stale_temporaries(registry_dir: Path, task: str, older_than_s: float = 3600.0) -> int:
+    """Delete temporary version directories left by crashed writers; returns how many were removed."""
+    versions = task_dir(registry_dir, task) / VERSIONS
+    removed = 0
+    if versions.is_dir():
+        for path in versions.glob(".tmp-*"):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+    return removed

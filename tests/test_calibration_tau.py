@@ -1,0 +1,114 @@
+"""Calibration: the conformal tau keeps agreement on served held-out traffic at the target; temperature and
+router fitting behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.manifest import RouterSpec
+from gateway.router import apply_temperature, router_scores
+from router_models.calibration import conformal_tau, coverage_curve, evaluate, fit_router, fit_temperature
+
+
+def _population(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores in [0, 1] whose agreement probability rises with the score: 0.75 at the bottom, ~1 at the top."""
+    scores = rng.beta(5, 1.2, size=n)
+    agree = rng.random(n) < 0.75 + 0.25 * scores**3
+    return scores, agree
+
+
+def test_tau_meets_the_target_on_held_out_data():
+    rng = np.random.default_rng(7)
+    target = 0.97
+    served_agreement, coverages = [], []
+    for _ in range(100):
+        cal_s, cal_a = _population(rng, 1500)
+        tau = conformal_tau(cal_s, np.ones_like(cal_a), cal_a, target).tau
+        test_s, test_a = _population(rng, 20000)
+        served = test_s >= tau
+        coverages.append(served.mean())
+        if served.any():
+            served_agreement.append(test_a[served].mean())
+    # The guarantee is on expectation over calibration draws: the average served agreement meets the target,
+    # and single draws miss it rarely and by little.
+    assert np.mean(served_agreement) >= target
+    assert np.mean(np.array(served_agreement) < target - 0.015) <= 0.15
+    assert len(served_agreement) >= 75  # "never serve" is a rare outcome, not the usual one
+    # ...and the threshold is not trivially strict: compared with the best fixed threshold in hindsight.
+    big_s, big_a = _population(rng, 400000)
+    _, agreement, _ = coverage_curve(big_s, np.ones(big_s.size, dtype=bool), big_a)
+    oracle = (np.nonzero(agreement >= target)[0].max() + 1) / big_s.size
+    assert np.mean(coverages) > 0.5 * oracle
+
+
+def test_an_uncalibrated_threshold_would_miss_the_target():
+    # The same population served at the naive threshold "score >= target" agrees less than the target:
+    # the calibration is what makes the promise hold.
+    rng = np.random.default_rng(1)
+    s, a = _population(rng, 50000)
+    assert a[s >= 0.7].mean() < 0.97
+
+
+def test_too_little_calibration_data_means_never_serve():
+    scores = np.linspace(0.9, 1.0, 20)
+    result = conformal_tau(scores, np.ones(20, dtype=bool), np.ones(20, dtype=bool), target=0.97)
+    assert result.tau == 1.0 and result.served == 0
+
+
+def test_scan_stops_at_the_first_violation():
+    # 100 perfect top scores, then a block of errors, then perfect again: the lenient tail must not be reached.
+    scores = np.linspace(1.0, 0.0, 300)
+    agree = np.ones(300, dtype=bool)
+    agree[100:130] = False
+    result = conformal_tau(scores, np.ones(300, dtype=bool), agree, target=0.9)
+    assert result.served <= 110
+    assert all(point["bound"] <= 0.1 for point in result.grid[:-1])
+    assert result.grid[-1]["bound"] > 0.1
+
+
+def test_ood_ineligible_inputs_are_never_counted_as_served():
+    scores = np.full(200, 0.99)
+    agree = np.ones(200, dtype=bool)
+    eligible = np.zeros(200, dtype=bool)
+    assert conformal_tau(scores, eligible, agree, 0.9).tau == 1.0
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, size=(4000, 10))
+    true_p = apply_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 1.0)
+    labels = np.array([rng.choice(10, p=row) for row in true_p])
+    # The model reports probabilities at T = 1/2.5 of the truth (overconfident); fitting must undo it.
+    reported = apply_temperature(true_p, 1 / 2.5)
+    assert fit_temperature(reported, labels) == pytest.approx(2.5, rel=0.1)
+
+
+def test_router_learns_that_confidence_means_agreement_and_declines_mean_teacher():
+    rng = np.random.default_rng(5)
+    n = 3000
+    max_p = rng.uniform(0.2, 1.0, n)
+    probs = np.stack([max_p, 1 - max_p], axis=1)
+    ood = rng.uniform(0, 0.5, n)
+    declined = rng.random(n) < 0.1
+    ood[declined] += 0.5
+    agree = (rng.random(n) < max_p) & ~declined
+    spec = fit_router(probs, ood, agree, ~declined, ood_quantile=0.99)
+    confident, unsure = np.array([[0.95, 0.05]]), np.array([[0.55, 0.45]])
+    assert router_scores(confident, [0.1], spec)[0] > router_scores(unsure, [0.1], spec)[0] + 0.2
+    assert router_scores(confident, [0.1], spec)[0] > router_scores(confident, [0.8], spec)[0] + 0.2
+    assert spec.ood_threshold == pytest.approx(np.quantile(ood[~declined], 0.99))
+
+
+def test_evaluate_counts_declines_as_disagreement_and_respects_the_ood_threshold():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.2, 0.8]])
+    ood = np.array([0.1, 0.1, 0.9, 0.1])
+    router = RouterSpec(features=["max_prob"], weights=[10.0], bias=-5.0, ood_threshold=0.5)
+    metrics = evaluate(probs, ood, ["a", "a", "a", "b"], ["a", None, "a", "b"], 1.0, router, 0.5, 0.97)
+    assert metrics["served"] == 3  # the third input is OOD
+    assert metrics["agreement_served"] == pytest.approx(2 / 3)
+    assert metrics["declines_served"] == 1
+    coverage, agreement, _ = coverage_curve(np.array([0.9, 0.8, 0.7]), np.ones(3, bool), np.array([1, 0, 1], bool))
+    assert coverage.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0]) and agreement.tolist() == pytest.approx(
+        [1, 0.5, 2 / 3]
+    )

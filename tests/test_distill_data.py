@@ -1,0 +1,109 @@
+"""Distill's dataset step: window, dedupe (latest answer wins), declines are never labels, soft targets,
+time-ordered split; and the soft-label solver minimises scikit-learn's weighted-row objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.inference_log import InferenceRecord
+from router_models.distill_data import Example, soft_targets, time_split, to_examples
+from router_models.softmax_regression import fit_soft_softmax, sparse_targets
+
+LABELS = ["balance", "transfer", "weather"]
+
+
+def _record(
+    text: str,
+    label: str | None,
+    t: float,
+    dist: dict[str, float] | None = None,
+    status: int = 200,
+    task: str = "intent",
+) -> InferenceRecord:
+    return InferenceRecord(
+        task=task, route="teacher", reason="no_specialist", input_text=text, teacher_model="m",
+        teacher_text=label or "I cannot help with that", teacher_label=label, label_distribution=dist,
+        request={}, response=None, status=status, latency_ms=1.0, created_at=t,
+    )  # fmt: skip
+
+
+def test_dedupe_keeps_the_latest_answer_and_orders_by_time():
+    records = [
+        _record("what is my balance", "transfer", 5.0),
+        _record("weather today", "weather", 2.0),
+        _record("what is my balance", "balance", 9.0),  # the teacher's newer answer wins
+        _record("what is my balance", "weather", 1.0),
+    ]
+    examples, count = to_examples(records, "intent", LABELS)
+    assert count == 4
+    assert [(e.text, e.label) for e in examples] == [("weather today", "weather"), ("what is my balance", "balance")]
+
+
+def test_declines_failures_other_tasks_and_the_window():
+    records = [
+        _record("tell me a joke", None, 1.0),  # a decline
+        _record("write a poem", "poem", 2.0),  # a label outside the task's set: also not a label
+        _record("balance please", "balance", 3.0, status=502),  # the teacher failed: no answer
+        _record("balance please", "balance", 4.0, task="other"),
+        _record("old", "balance", 0.5),
+    ]
+    examples, count = to_examples(records, "intent", LABELS, since=1.0)
+    assert count == 2
+    assert [(e.text, e.label) for e in examples] == [("tell me a joke", None), ("write a poem", None)]
+    with pytest.raises(ValueError, match="decline"):
+        soft_targets(examples, LABELS, 1.0)
+
+
+def test_soft_targets_use_the_distribution_with_temperature_and_fall_back_to_the_label():
+    examples = [
+        Example("a", "balance", {"balance": 0.8, "transfer": 0.2, "not a label": 0.5}, 1.0),
+        Example("b", "weather", None, 2.0),
+        Example("c", "transfer", {"unknown": 1.0}, 3.0),
+    ]
+    t1 = soft_targets(examples, LABELS, 1.0)
+    np.testing.assert_allclose(t1, [[0.8, 0.2, 0.0], [0, 0, 1], [0, 1, 0]])
+    t2 = soft_targets(examples, LABELS, 2.0)
+    expected = np.sqrt([0.8, 0.2]) / np.sqrt([0.8, 0.2]).sum()
+    np.testing.assert_allclose(t2[0, :2], expected)
+    np.testing.assert_allclose(t2.sum(axis=1), 1.0)
+
+
+def test_time_split_puts_the_newest_examples_in_the_holdout_and_hashes_the_rest():
+    examples = [Example(f"input {i}", "balance", None, float(i)) for i in range(2000)]
+    split = time_split(examples, 0.6, 0.25, 0.4)
+    assert len(split.holdout) == 300 and split.holdout[0].created_at == 1700.0
+    older = split.train + split.router_fit + split.conformal
+    assert sorted(e.created_at for e in older) == [float(i) for i in range(1700)]  # disjoint and complete
+    # Proportions 0.6 : 0.1 : 0.15 of the whole, up to hashing noise.
+    assert abs(len(split.train) - 1200) < 80 and abs(len(split.router_fit) - 200) < 50
+    assert abs(len(split.conformal) - 300) < 60
+    # Stable: the same inputs land in the same parts on every run.
+    again = time_split(list(reversed(examples[:1700])) + examples[1700:], 0.6, 0.25, 0.4)
+    assert {e.text for e in again.conformal} == {e.text for e in split.conformal}
+
+
+def test_sparse_targets_prune_and_renormalise():
+    t = np.array([[0.7, 0.2, 0.095, 0.005], [0.25, 0.25, 0.25, 0.25]])
+    s = sparse_targets(t, top_k=2, min_prob=0.01).toarray()
+    np.testing.assert_allclose(s[0], [0.7 / 0.9, 0.2 / 0.9, 0, 0])
+    assert (s[1] > 0).sum() == 2 and s[1].sum() == pytest.approx(1.0)
+
+
+def test_solver_matches_scikit_learn_on_one_weighted_row_per_label():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    logits = x @ rng.normal(size=(6, 3))
+    targets = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    coef, intercept, _ = fit_soft_softmax(x, targets, c=5.0, max_iter=500, top_k=3, min_prob=0.0)
+    rows = np.repeat(np.arange(300), 3)
+    labels = np.tile(np.arange(3), 300)
+    reference = LogisticRegression(C=5.0, max_iter=2000, tol=1e-10)
+    reference.fit(x[rows], labels, sample_weight=targets.ravel())
+    ours = x @ coef.T + intercept
+    theirs = reference.decision_function(x)
+    p_ours = np.exp(ours) / np.exp(ours).sum(1, keepdims=True)
+    p_theirs = np.exp(theirs) / np.exp(theirs).sum(1, keepdims=True)
+    np.testing.assert_allclose(p_ours, p_theirs, atol=2e-3)

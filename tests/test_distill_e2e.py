@@ -1,0 +1,144 @@
+"""`run_distill` end to end on a CLINC150 slice: log store -> promoted specialist the gateway loads; the gate;
+dry runs; the lock."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.logstore import LogStore
+from gateway.manifest import Manifest
+from gateway.settings import LogConfig, RegistryConfig, Settings, TaskConfig
+from gateway.specialist import Specialist
+from router_models.distill import DistillConfig, DistillError, run_distill
+from router_models.distill_data import time_split, to_examples
+from router_models.registry import current_version, list_versions, task_lock
+from router_models.synthetic import synthetic_records
+
+CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
+TASK = "intent"
+
+
+@pytest.fixture(scope="module")
+def slice_records():
+    data = json.loads(CLINC.read_text())
+    labels = sorted({label for _, label in data["train"]})[:30]
+    per_label: dict[str, int] = {}
+    rows = []
+    for text, label in data["train"] + data["val"]:
+        if label in labels and per_label.get(label, 0) < 50:
+            per_label[label] = per_label.get(label, 0) + 1
+            rows.append((text, label))
+    rows += [(text, "oos") for text, _ in data["oos_train"] + data["oos_val"]]
+    random.Random(0).shuffle(rows)
+    return labels, synthetic_records(rows, labels, task=TASK, seed=3)
+
+
+def _settings(root: Path, labels: list[str]) -> Settings:
+    return Settings(
+        tasks={TASK: TaskConfig(name=TASK, teacher="teacher-model", labels=labels, target_agreement=0.95)},
+        registry=RegistryConfig(path=root / "registry"),
+        log=LogConfig(url=f"sqlite:///{root / 'inference.db'}", spool_dir=root / "spool"),
+    )
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory, slice_records):
+    labels, records = slice_records
+    root = tmp_path_factory.mktemp("distill")
+    store = LogStore(f"sqlite:///{root / 'inference.db'}")
+    store.migrate()
+    store.insert_many(records)
+    store.close()
+    settings = _settings(root, labels)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    return settings, outcome
+
+
+def test_distill_promotes_a_complete_version_the_gateway_loads(promoted, slice_records):
+    settings, outcome = promoted
+    labels, records = slice_records
+    registry = settings.registry.path
+    assert outcome.promoted and outcome.version == current_version(registry, TASK)
+    vdir = registry / TASK / "versions" / outcome.version
+    assert outcome.report_dir == vdir
+    assert {p.name for p in vdir.iterdir()} == {"model.onnx", "manifest.json", "report.json", "report.md", "report.png"}
+    manifest = Manifest.model_validate_json((vdir / "manifest.json").read_text())
+    assert manifest.labels == labels and manifest.student == "tfidf" and manifest.target_agreement == 0.95
+    assert 0.0 < manifest.tau < 1.0
+    report = json.loads((vdir / "report.json").read_text())
+    assert report["promoted"] is True and report["data"]["declines"] > 0
+    assert report["data"]["records"] == len(records)
+    assert (vdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    holdout = report["holdout"]["candidate"]
+    assert holdout["coverage"] > 0.3 and holdout["agreement_served"] >= 0.9
+
+    # The gateway's own loader, on the same holdout, serves exactly what distill measured offline.
+    examples, _ = to_examples(records, TASK, labels)
+    cfg = DistillConfig()
+    split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
+    specialist = Specialist.load(vdir, task=TASK, labels=labels)
+    decisions = [specialist.decide(e.text, top_k=0) for e in split.holdout]
+    served = [(d, e) for d, e in zip(decisions, split.holdout, strict=True) if d.route == "specialist"]
+    assert len(served) == holdout["served"]
+    agreement = sum(d.label == e.label for d, e in served) / len(served)
+    assert agreement == pytest.approx(holdout["agreement_served"])
+    # Declines (out-of-scope inputs) mostly go to the teacher.
+    declines = [d for d, e in zip(decisions, split.holdout, strict=True) if e.label is None]
+    assert sum(d.route == "teacher" for d in declines) >= 0.5 * len(declines)
+
+
+def test_gate_refuses_a_worse_candidate_on_the_same_holdout(promoted):
+    settings, first = promoted
+    weak = DistillConfig(max_iter=2, max_features=40)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False, config=weak)
+    assert not outcome.promoted
+    assert "kept current" in outcome.reason
+    assert current_version(settings.registry.path, TASK) == first.version
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    assert report["promoted"] is False and report["current_version"] == first.version
+    cand, cur = report["holdout"]["candidate"], report["holdout"]["current"]
+    assert cand["n"] == cur["n"] and cand["coverage_at_target"] < cur["coverage_at_target"]
+    # The refused candidate is kept as a complete, non-current version that an operator could promote.
+    listed = {v.version: v.current for v in list_versions(settings.registry.path, TASK)}
+    assert listed[outcome.version] is False and listed[first.version] is True
+
+
+def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
+    settings, first = promoted
+    before = {v.version for v in list_versions(settings.registry.path, TASK)}
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=True, progress=False)
+    assert not outcome.promoted and outcome.reason.startswith("dry run")
+    assert outcome.report_dir == settings.registry.path / TASK / "dry-runs" / outcome.version
+    assert (outcome.report_dir / "report.json").is_file() and (outcome.report_dir / "report.md").is_file()
+    assert {v.version for v in list_versions(settings.registry.path, TASK)} == before
+    assert current_version(settings.registry.path, TASK) == first.version
+
+
+def test_a_second_run_fails_fast_while_the_lock_is_held(promoted):
+    settings, _ = promoted
+    with task_lock(settings.registry.path, TASK), pytest.raises(DistillError, match="locked by another run"):
+        run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+
+
+def test_records_can_be_passed_directly_and_the_window_applies(tmp_path, slice_records):
+    labels, records = slice_records
+    settings = _settings(tmp_path, labels)
+    now = time.time()
+    # Shift the log so that only the newest 600 records (ages 6 s .. 3600 s) fall in a one-hour window.
+    shifted = [replace(r, created_at=now - (len(records) - i) * 6.0) for i, r in enumerate(records)]
+    outcome = run_distill(settings, TASK, since_s=3600, dry_run=True, records=shifted, progress=False)
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    # The record exactly 3600 s old may fall out as the clock moves on.
+    assert report["data"]["records"] in (599, 600)
+
+
+def test_no_data_is_an_error_not_a_silent_success(tmp_path, slice_records):
+    labels, _ = slice_records
+    with pytest.raises(DistillError, match="not enough teacher-labelled data"):
+        run_distill(_settings(tmp_path, labels), TASK, since_s=None, dry_run=False, records=[], progress=False)

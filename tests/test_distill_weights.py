@@ -1,0 +1,69 @@
+"""Selection bias after the first specialist: the log holds every escalation but only the shadow share of what
+the specialist served. Shadow records carry weight 1/shadow_rate, and tau, evaluation and the gate use it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.inference_log import InferenceRecord
+from gateway.manifest import RouterSpec
+from router_models.calibration import conformal_tau, evaluate
+from router_models.distill import gate
+from router_models.distill_data import to_examples
+
+LABELS = ["balance", "transfer"]
+
+
+def _record(text: str, route: str, t: float) -> InferenceRecord:
+    return InferenceRecord(
+        task="intent", route=route, reason="shadow" if route == "shadow" else "low_confidence", input_text=text,
+        teacher_model="m", teacher_text="balance", teacher_label="balance", label_distribution=None, request={},
+        response=None, status=200, latency_ms=1.0, created_at=t,
+    )  # fmt: skip
+
+
+def test_shadow_records_stand_for_one_over_the_shadow_rate():
+    records = [_record("a", "teacher", 1.0), _record("b", "shadow", 2.0)]
+    examples, _ = to_examples(records, "intent", LABELS, shadow_rate=0.05)
+    assert [(e.text, e.weight) for e in examples] == [("a", 1.0), ("b", 20.0)]
+    # Without shadow sampling every logged record is one request.
+    examples, _ = to_examples(records, "intent", LABELS, shadow_rate=0.0)
+    assert [e.weight for e in examples] == [1.0, 1.0]
+
+
+def test_a_heavy_disagreement_makes_tau_stricter():
+    rng = np.random.default_rng(0)
+    n = 400
+    scores = rng.uniform(size=n)
+    agree = np.ones(n, dtype=bool)
+    low = np.argsort(scores)[:150]
+    agree[low[::40]] = False  # a few disagreements among low scores
+    eligible = np.ones(n, dtype=bool)
+    unweighted = conformal_tau(scores, eligible, agree, target=0.97)
+    weights = np.ones(n)
+    weights[~agree] = 20.0  # the same disagreements, seen through shadow records
+    weighted = conformal_tau(scores, eligible, agree, target=0.97, weights=weights)
+    assert weighted.tau > unweighted.tau
+    assert weighted.served < unweighted.served
+
+
+def test_weighted_evaluation_counts_shadow_records_as_the_traffic_they_stand_for():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
+    ood = np.zeros(3)
+    router = RouterSpec(features=["max_prob"], weights=[10.0], bias=-5.0, ood_threshold=1.0)
+    teacher = ["balance", "transfer", "transfer"]
+    predicted = ["balance", "balance", "transfer"]
+    plain = evaluate(probs, ood, predicted, teacher, 1.0, router, 0.9, 0.97)
+    weighted = evaluate(probs, ood, predicted, teacher, 1.0, router, 0.9, 0.97, weights=np.array([1.0, 20.0, 1.0]))
+    assert plain["coverage"] == 2 / 3 and plain["agreement_served"] == 0.5
+    assert weighted["coverage"] == 21 / 22
+    assert abs(weighted["agreement_served"] - 1 / 21) < 1e-9
+
+
+def test_the_gate_refuses_a_candidate_that_would_serve_nothing():
+    current = {"coverage": 0.55, "agreement_served": 0.97, "coverage_at_target": 0.04}
+    candidate = {"coverage": 0.0, "agreement_served": None, "coverage_at_target": 0.09}
+    promoted, reason = gate(candidate, current, 0.97, 0.01)
+    assert not promoted and "coverage" in reason
+    promoted, _ = gate({**candidate, "coverage": 0.6, "agreement_served": 0.975}, current, 0.97, 0.01)
+    assert promoted

@@ -1,0 +1,144 @@
+"""The TF-IDF student's ONNX graph reproduces the Python model (probabilities and OOD within 1e-4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.manifest import Manifest, TextInput
+from router_models.export import (
+    ODD_TEXTS,
+    OnnxSpecialist,
+    ParityError,
+    build_tfidf_artifact,
+    check_parity,
+    soft_targets_from,
+    tfidf_to_onnx,
+    write_tfidf_version,
+)
+from router_models.registry import current_version
+from router_models.students import TfidfStudent
+
+CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
+UNICODE_TEXTS = [
+    "İstanbul'da hava nasıl",
+    "Straße nach München?",
+    "ÇA VA BIEN",
+    "naïve café résumé",
+    "Ωμέγα ΣΊΣΥΦΟΣ",
+    "привет как дела",
+    "東京の天気は",
+    "مرحبا كيف حالك",
+    "emoji only 🎉🎉🎉",
+    "ﬀ ligatures ﬁx",
+    "x" * 5000,
+    "tabs\tand\nnewlines\r\n",
+    "under_score snake_case_words",
+    "12 345 6789 1st 2nd",
+    "a",
+    "İİİ iii",
+]
+
+
+@pytest.fixture(scope="module")
+def clinc() -> dict[str, list[list[str]]]:
+    data: dict[str, list[list[str]]] = json.loads(CLINC.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def student_and_model(clinc):
+    rows = [r for r in clinc["train"] if r[1] in LABELS][:1500]
+    texts, targets = [r[0] for r in rows], [r[1] for r in rows]
+    # A small vocabulary cap forces the n-gram closure that keeps skl2onnx's bigram lookup exact.
+    student = TfidfStudent(LABELS, max_features=1500, max_iter=40).fit(texts, soft_targets_from(targets, LABELS))
+    return student, tfidf_to_onnx(student)
+
+
+LABELS = [
+    "balance",
+    "bill_due",
+    "book_flight",
+    "weather",
+    "translate",
+    "timer",
+    "alarm",
+    "greeting",
+    "goodbye",
+    "spelling",
+    "calculator",
+    "definition",
+    "time",
+    "date",
+    "restaurant_reservation",
+]
+
+
+def test_parity_on_clinc_and_odd_inputs(clinc, student_and_model):
+    student, model = student_and_model
+    texts = [r[0] for r in clinc["test"][:1500]] + [r[0] for r in clinc["oos_test"][:300]]
+    texts += list(ODD_TEXTS) + UNICODE_TEXTS
+    runner = OnnxSpecialist(model, TextInput())
+    assert check_parity(runner, student, texts) < 1e-4
+    probs, ood = runner.predict(texts)
+    assert probs.shape == (len(texts), len(LABELS))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert ood.shape == (len(texts),)
+
+
+def test_outputs_are_named_and_typed_as_the_contract_says(student_and_model):
+    import onnxruntime as ort
+
+    _, model = student_and_model
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("text", "tensor(string)")]
+    outputs = {o.name: o.type for o in session.get_outputs()}
+    assert outputs == {"probabilities": "tensor(float)", "ood_score": "tensor(float)"}
+    probs, ood = session.run(None, {"text": np.array([["what is my balance"]], dtype=object)})
+    assert probs.shape == (1, len(LABELS)) and ood.shape == (1,)
+
+
+def test_ood_is_maximal_for_unknown_words_and_low_for_training_like_text(student_and_model):
+    student, _ = student_and_model
+    _, ood = student.predict(["zzqx vbnm qwpo", "", "what is my bank balance"])
+    assert ood[0] == pytest.approx(1.0) and ood[1] == pytest.approx(1.0)
+    assert ood[2] < 0.6
+
+
+def test_parity_check_fails_loudly_on_a_different_model(clinc, student_and_model):
+    student, _ = student_and_model
+    rows = [r for r in clinc["train"] if r[1] in LABELS][:600]
+    other = TfidfStudent(LABELS, max_iter=3).fit([r[0] for r in rows], soft_targets_from([r[1] for r in rows], LABELS))
+    with pytest.raises(ParityError, match="worst input"):
+        check_parity(OnnxSpecialist(tfidf_to_onnx(other), TextInput()), student, [r[0] for r in rows[:50]])
+
+
+def test_unseen_labels_keep_a_column_with_negligible_probability():
+    texts = ["hello there", "hi friend", "bye now", "see you later"] * 5
+    targets = ["greet", "greet", "bye", "bye"] * 5
+    onnx_bytes, _ = build_tfidf_artifact(texts, targets, ["bye", "greet", "never_seen"], max_iter=20)
+    probs, _ = OnnxSpecialist(onnx_bytes, TextInput()).predict(["hello there"])
+    assert probs.shape == (1, 3)
+    assert probs[0, 2] < 1e-6 and probs[0, 1] > 0.5
+
+
+def test_write_tfidf_version_makes_a_valid_promoted_version(tmp_path):
+    texts = ["hello there", "hi friend", "bye now", "see you later"] * 5
+    path = write_tfidf_version(tmp_path, "chat", texts, ["greet", "greet", "bye", "bye"] * 5, ["bye", "greet"])
+    manifest = Manifest.model_validate_json((path / "manifest.json").read_text())
+    assert manifest.version == path.name and manifest.input.kind == "text"
+    assert current_version(tmp_path, "chat") == path.name
+
+
+def test_dotted_capital_i_lowercases_as_onnx_does():
+    # Python lower-cases "İ" to "i" + U+0307 (so "İstanbul" would tokenise as "stanbul"); ONNX gives "istanbul".
+    texts = ["istanbul weather", "weather in istanbul", "stanbul trip", "book a stanbul trip"] * 5
+    targets = ["weather", "weather", "travel", "travel"] * 5
+    onnx_bytes, student = build_tfidf_artifact(texts, targets, ["travel", "weather"], max_iter=20)
+    runner = OnnxSpecialist(onnx_bytes, TextInput())
+    assert check_parity(runner, student, ["İstanbul", "İSTANBUL weather"]) < 1e-4
+    probs, _ = runner.predict(["İstanbul"])
+    assert probs[0, 1] > 0.5

@@ -1,0 +1,158 @@
+"""The registry writer: complete versions only, atomic `current`, promote/rollback history, the task lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.manifest import Manifest, RouterSpec, TextInput
+from router_models.export import make_manifest
+from router_models.registry import (
+    RegistryError,
+    RegistryLockedError,
+    VersionNotFoundError,
+    current_version,
+    list_versions,
+    promote,
+    rollback,
+    task_lock,
+    version_name,
+    write_version,
+)
+
+TASK = "intent"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _manifest(model: bytes, version: str) -> Manifest:
+    return make_manifest(
+        task=TASK, version=version, student="tfidf", labels=["a", "b"], input_spec=TextInput(), temperature=1.0,
+        router=RouterSpec(features=["max_prob"], weights=[1.0], bias=0.0, ood_threshold=0.9), tau=0.5,
+        target_agreement=0.97, model_sha256=hashlib.sha256(model).hexdigest(),
+    )  # fmt: skip
+
+
+def _version(root: Path, n: int) -> str:
+    model = f"model {n}".encode()
+    name = f"2026010{n}T000000Z-{hashlib.sha256(model).hexdigest()[:6]}"
+    write_version(root, TASK, {"model.onnx": model, "report.md": b"# r"}, _manifest(model, name))
+    return name
+
+
+def test_version_names_sort_by_time_and_name_the_model():
+    from datetime import UTC, datetime
+
+    name = version_name("abcdef" + "0" * 58, datetime(2026, 11, 29, 5, 15, tzinfo=UTC))
+    assert name == "20261129T051500Z-abcdef"
+
+
+def test_write_version_is_complete_and_rejects_a_wrong_sha(tmp_path):
+    name = _version(tmp_path, 1)
+    vdir = tmp_path / TASK / "versions" / name
+    assert sorted(p.name for p in vdir.iterdir()) == ["manifest.json", "model.onnx", "report.md"]
+    bad = _manifest(b"other bytes", "20260109T000000Z-000000")
+    with pytest.raises(RegistryError, match="sha256"):
+        write_version(tmp_path, TASK, {"model.onnx": b"not the model"}, bad)
+    # The failed write leaves neither a version nor a temporary directory behind.
+    assert [v.version for v in list_versions(tmp_path, TASK)] == [name]
+    assert not list((tmp_path / TASK / "versions").glob(".tmp-*"))
+    with pytest.raises(RegistryError, match="already exists"):
+        _version(tmp_path, 1)
+
+
+def test_promote_then_rollback_walks_back_one_promotion_at_a_time(tmp_path):
+    v1, v2, v3 = (_version(tmp_path, n) for n in (1, 2, 3))
+    assert current_version(tmp_path, TASK) is None
+    assert promote(tmp_path, TASK, v1) is None
+    assert promote(tmp_path, TASK, v2) == v1
+    assert promote(tmp_path, TASK, v3) == v2
+    assert rollback(tmp_path, TASK) == v2
+    assert current_version(tmp_path, TASK) == v2
+    assert rollback(tmp_path, TASK) == v1
+    with pytest.raises(RegistryError, match="no earlier"):
+        rollback(tmp_path, TASK)
+    history = [json.loads(line) for line in (tmp_path / TASK / "history.jsonl").read_text().splitlines()]
+    assert [(h["action"], h["version"], h["previous"]) for h in history] == [
+        ("promote", v1, None), ("promote", v2, v1), ("promote", v3, v2), ("rollback", v2, v3), ("rollback", v1, v2),
+    ]  # fmt: skip
+    listed = {v.version: v.current for v in list_versions(tmp_path, TASK)}
+    assert listed == {v1: True, v2: False, v3: False}
+
+
+def test_promote_refuses_missing_or_tampered_versions(tmp_path):
+    v1 = _version(tmp_path, 1)
+    with pytest.raises(VersionNotFoundError):
+        promote(tmp_path, TASK, "20990101T000000Z-abcdef")
+    (tmp_path / TASK / "versions" / v1 / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match="sha256"):
+        promote(tmp_path, TASK, v1)
+    assert current_version(tmp_path, TASK) is None
+
+
+def test_current_never_names_an_incomplete_version(tmp_path):
+    """A reader polling as fast as it can while versions are written and promoted never sees `current`
+    name a directory without a verified model.onnx and manifest.json."""
+    names = [_version(tmp_path, 1)]
+    promote(tmp_path, TASK, names[0])
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            name = current_version(tmp_path, TASK)
+            vdir = tmp_path / TASK / "versions" / str(name)
+            try:
+                manifest = Manifest.model_validate_json((vdir / "manifest.json").read_bytes())
+                if hashlib.sha256((vdir / "model.onnx").read_bytes()).hexdigest() != manifest.model_sha256:
+                    problems.append(f"{name}: model does not match manifest")
+            except (OSError, ValueError) as exc:
+                problems.append(f"{name}: {exc}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(2, 10):
+            model = os.urandom(200_000)
+            name = f"2026020{n}T000000Z-{hashlib.sha256(model).hexdigest()[:6]}"
+            write_version(tmp_path, TASK, {"model.onnx": model}, _manifest(model, name))
+            promote(tmp_path, TASK, name)
+    finally:
+        stop.set()
+        thread.join()
+    assert problems == []
+    assert not list((tmp_path / TASK).glob(".current*"))  # no temp pointer left behind
+
+
+def test_the_lock_keeps_a_second_run_out_and_is_released_when_the_holder_exits(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from router_models.registry import task_lock\n"
+            f"with task_lock(Path({str(tmp_path)!r}), {TASK!r}):\n"
+            "    print('locked', flush=True); time.sleep(30)\n"
+        )],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        v1 = _version(tmp_path, 1)
+        start = time.monotonic()
+        with pytest.raises(RegistryLockedError, match=f"pid {holder.pid}"):
+            promote(tmp_path, TASK, v1)
+        assert time.monotonic() - start < 1.0  # fails fast, does not wait
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    promote(tmp_path, TASK, v1)  # the kernel released the dead holder's lock
+    with task_lock(tmp_path, TASK):
+        promote(tmp_path, TASK, v1, lock=False)  # a holder can still promote
+    assert current_version(tmp_path, TASK) == v1
