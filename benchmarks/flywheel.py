@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from benchmarks._machine import machine_info, versions
-from router_models.flywheel import FlywheelConfig, main_table, plot, run_flywheel
+from router_models.flywheel import FlywheelConfig, run_flywheel
+from router_models.flywheel_report import main_table, plot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

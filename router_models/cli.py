@@ -233,9 +233,7 @@ def demo(
     ] = None,
     days: Annotated[int, typer.Option(min=1, help="Days of traffic, each followed by a distill.")] = 3,
     student: Annotated[str, typer.Option(help="tfidf or minilm.")] = "tfidf",
-    workdir: Annotated[Path, typer.Option(help="Registry, log, configs and plot go here.")] = Path(
-        ".apprentice/demo"
-    ),
+    workdir: Annotated[Path, typer.Option(help="Registry, log, configs and plot go here.")] = Path(".apprentice/demo"),
     serve: Annotated[bool, typer.Option(help="Keep serving the trained specialist until Ctrl-C.")] = True,
     traffic_limit: Annotated[int | None, typer.Option(help="Replay at most this many requests.")] = None,
     test_limit: Annotated[int | None, typer.Option(help="Test on at most this many requests.")] = None,

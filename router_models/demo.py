@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from router_models.datasets import ensure_clinc150
-from router_models.flywheel import TASK, FlywheelConfig, main_table, plot, run_flywheel
+from router_models.flywheel import TASK, FlywheelConfig, run_flywheel
+from router_models.flywheel_report import main_table, plot
 from router_models.processes import apprentice_command, start, wait_ready
 
 SHARED_DATA = Path("../shared/data")
@@ -88,8 +89,8 @@ def _serve(cfg: FlywheelConfig, data_path: Path) -> None:
         print(
             "try:  curl -s "
             f"{gateway.url}/v1/chat/completions -H 'content-type: application/json' "
-            f"-d '{{\"model\": \"{TASK}\", \"messages\": [{{\"role\": \"user\", \"content\": "
-            "\"what is my credit limit\"}]}' -i"
+            f'-d \'{{"model": "{TASK}", "messages": [{{"role": "user", "content": '
+            '"what is my credit limit"}]}\' -i'
         )
         print("Ctrl-C to stop.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

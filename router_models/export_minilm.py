@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from gateway.manifest import TokenInput
-from router_models.onnx_head import attach_head
 from router_models.minilm import minilm_onnx_path, minilm_tokenizer_path
+from router_models.onnx_head import attach_head
 from router_models.students import MiniLMStudent
 
 
