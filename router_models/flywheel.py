@@ -162,13 +162,17 @@ async def _ask_teacher(teacher_url: str, texts: Sequence[str], concurrency: int)
         await client.close()
 
 
-def _scrape_costs(gateway_url: str) -> float:
+def _scrape_costs(gateway_url: str) -> dict[str, float]:
+    """apprentice_cost_usd_total summed per route (teacher, shadow, specialist)."""
     text = httpx.get(gateway_url + "/metrics", timeout=10).text
-    total = 0.0
+    by_route: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "apprentice_cost_usd":
-            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return total
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    route = sample.labels.get("route", "?")
+                    by_route[route] = by_route.get(route, 0.0) + sample.value
+    return by_route
 
 
 def _current_version(gateway_url: str) -> str | None:
@@ -304,7 +308,9 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
         cost_before = _scrape_costs(gateway.url)
         answers = asyncio.run(_replay(gateway.url, test, cfg.concurrency, progress))
         time.sleep(1.0)  # shadow calls finish in the background; their cost is the gateway's too
-        gateway_cost = _scrape_costs(gateway.url) - cost_before
+        cost_after = _scrape_costs(gateway.url)
+        cost_by_route = {r: cost_after[r] - cost_before.get(r, 0.0) for r in sorted(cost_after)}
+        gateway_cost = sum(cost_by_route.values())
         direct = asyncio.run(_ask_teacher(teacher.url, [e.text for e in test], cfg.concurrency))
     finally:
         for child in reversed(children):
@@ -337,6 +343,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
             "oos": len(oos),
             "offloaded": len(offloaded),
             "reasons": {r: sum(a.reason == r for a in answers) for r in sorted({a.reason for a in answers})},
+            "cost_usd_by_route": cost_by_route,
         },
     )
     return result
