@@ -66,10 +66,11 @@ class DistillConfig:
     max_features: int = 20000
     parity_sample: int = 500
     min_train: int = 20
-    # Where the strict-to-lenient tau scan starts (share of eligible calibration inputs served). A start at the
-    # top 10% failed on the first test on CLINC150 (three teacher slips among ~100 inputs end the scan, tau 1.0,
-    # nothing served); a quarter gives the first test enough inputs. Any fixed start keeps the guarantee.
-    tau_start_fraction: float = 0.25
+    # Where the strict-to-lenient tau scan starts (share of eligible calibration inputs served). The bound
+    # (errors + 1) / (served + 1) is strictest where few are served: at the top 10-25% of CLINC150's calibration
+    # split, three teacher slips among ~130 inputs ended the scan (tau 1.0, nothing served) although the
+    # student met the target at 55-75% coverage. Any start fixed before looking keeps the guarantee.
+    tau_start_fraction: float = 0.4
 
 
 @dataclass
