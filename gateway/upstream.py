@@ -10,6 +10,7 @@ Unit tests inject an `httpx.AsyncBaseTransport`; end-to-end tests run a real ups
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import logging
 import random
@@ -130,6 +131,9 @@ class TeacherClient:
             timeout=httpx.Timeout(60.0, connect=5.0),
             follow_redirects=False,
         )
+        # One client serves every caller: a cookie an upstream sets (e.g. a CDN's bot cookie) must not ride
+        # along on other callers' requests, so the jar accepts none.
+        self.http.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self._litellm: Any = None
 
     async def aclose(self) -> None:

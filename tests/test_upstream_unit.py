@@ -329,3 +329,13 @@ async def test_list_models_reads_the_upstreams_model_ids(rec: Recorder) -> None:
     client, _ = _client(_settings(a={}), _scripted(httpx.Response(200, json=listing)), rec)
     assert await client.list_models("a") == ["x", "y"]
     assert str(rec.requests[0].url) == "http://a.test/v1/models"
+
+
+async def test_a_cookie_one_upstream_answer_sets_never_rides_on_later_requests(rec: Recorder) -> None:
+    # The client is shared by every caller: a stored cookie would carry one caller's upstream state to others.
+    setting = httpx.Response(200, json=OK, headers={"set-cookie": "__cf_bm=abc; Path=/; Domain=a.test"})
+    client, _ = _client(_settings(a={}), _scripted(setting, httpx.Response(200, json=OK)), rec)
+    await client.complete("a", BODY)
+    await client.complete("a", BODY)
+    assert "cookie" not in rec.requests[1].headers
+    await client.aclose()
