@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -190,6 +191,23 @@ class LogStore:
         self._base_engine.dispose()
 
 
+def _enable_wal(cursor: Any, timeout_s: float) -> None:
+    """Switch the file to WAL (persistent, so usually a no-op read). Switching needs an exclusive lock and
+    SQLite does not wait on busy_timeout for it: several processes opening a new file at once saw "database
+    is locked" (seen in CI with four concurrent migrators), so retry until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -199,7 +217,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor, busy_timeout_ms / 1000)
             # In WAL mode NORMAL loses at most the last commits on power loss, never corrupts; FULL would
             # fsync every batch.
             cursor.execute("PRAGMA synchronous = NORMAL")
