@@ -256,12 +256,13 @@ class TaskService:
         want = self.teacher.upstreams[upstream].config.supports_logprobs
         t0 = time.perf_counter()
         done = await self.teacher.complete(upstream, teacher_body(raw, task.teacher, want_logprobs=want, stream=False))
-        reading = read_completion(done.json())
+        data = done.json()
+        reading = read_completion(data)
         # Shadow calls are real teacher spend: counted in the cost metric under their own route.
         self.accounting.teacher_cost(
             task.name, task.teacher, reading.prompt_tokens, reading.completion_tokens, route="shadow"
         )
-        self._record(state, raw, text, reading, done.json(), "shadow", "shadow", decision, version, 200, t0)
+        self._record(state, raw, text, reading, data, "shadow", "shadow", decision, version, 200, t0)
         label = reading.label(state.labels)
         return None if label is None else label == decision.label
 
