@@ -17,14 +17,16 @@ from typing import Any
 from gateway.protocol import ChatCompletionRequest
 
 
-def _message_chars(request: ChatCompletionRequest) -> tuple[int, int]:
+def estimate_prompt_tokens(request: ChatCompletionRequest) -> int:
+    """ceil(chars / 4) + 4 per message + 3: a provider-neutral prompt-token estimate. The gateway scales it by
+    what each task's teacher really counted; the reference teacher reports it as its usage."""
     chars = 0
     for m in request.messages:
         if isinstance(m.content, str):
             chars += len(m.content)
         elif isinstance(m.content, list):
             chars += sum(len(str(getattr(p, "text", "") or "")) for p in m.content)
-    return chars, len(request.messages)
+    return math.ceil(chars / 4) + 4 * len(request.messages) + 3
 
 
 class TokenEstimator:
@@ -36,13 +38,8 @@ class TokenEstimator:
         self._completion_mean: float | None = None
         self._seen = 0
 
-    @staticmethod
-    def _raw_prompt(request: ChatCompletionRequest) -> float:
-        chars, messages = _message_chars(request)
-        return chars / 4 + 4 * messages + 3
-
     def observe(self, request: ChatCompletionRequest, prompt_tokens: int, completion_tokens: int) -> None:
-        raw = self._raw_prompt(request)
+        raw = estimate_prompt_tokens(request)
         alpha = max(0.01, 1.0 / (self._seen + 1))
         self._seen += 1
         self._prompt_ratio += alpha * (prompt_tokens / raw - self._prompt_ratio)
@@ -50,7 +47,7 @@ class TokenEstimator:
         self._completion_mean = mean + alpha * (completion_tokens - mean)
 
     def estimate(self, request: ChatCompletionRequest, label: str) -> tuple[int, int]:
-        prompt = max(1, round(self._raw_prompt(request) * self._prompt_ratio))
+        prompt = max(1, round(estimate_prompt_tokens(request) * self._prompt_ratio))
         if self._completion_mean is None:
             completion = math.ceil(len(label) / 4) + 1
         else:

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway.errors import ApiError, InvalidRequest, error_response
-from gateway.protocol import ChatCompletionRequest, parse_chat_request, task_input_text
+from gateway.protocol import parse_chat_request, task_input_text
+from gateway.responses import estimate_prompt_tokens
 from router_models.datasets import load_dataset
 from router_models.reference_teacher import (
     DEFAULT_CACHE_DIR,
@@ -38,16 +39,6 @@ from router_models.reference_teacher import (
     TokenChoice,
     build_reference_teacher,
 )
-
-
-def estimate_prompt_tokens(request: ChatCompletionRequest) -> int:
-    chars = 0
-    for message in request.messages:
-        if isinstance(message.content, str):
-            chars += len(message.content)
-        elif isinstance(message.content, list):
-            chars += sum(len(str(getattr(part, "text", "") or "")) for part in message.content)
-    return math.ceil(chars / 4) + 4 * len(request.messages) + 3
 
 
 def _logprob_entry(token: str, prob: float) -> dict[str, Any]:
