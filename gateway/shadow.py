@@ -57,10 +57,6 @@ class ShadowRunner:
             return None, 0
         return sum(window) / len(window), len(window)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     async def drain(self, timeout_s: float) -> None:
         """Lets running shadow calls finish (their records matter) for at most `timeout_s`."""
         if self._tasks:
