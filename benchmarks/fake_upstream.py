@@ -11,6 +11,7 @@ GET|DELETE /_stats (hit counters). Faults are driven by request headers so paral
   x-fake-chunk-delay-ms: X           wait between stream events
   x-fake-cut-stream-after: N         stream N content chunks, then close without [DONE]
   x-fake-content: TEXT               the assistant's answer text
+  x-fake-set-cookie: COOKIE          send `set-cookie: COOKIE` with the answer
   x-fake-fail-on: NAME[,NAME]        apply x-fake-fail, -fail-times and -retry-after only on the instances
                                      started with --name NAME (a request fails on a primary, not its fallback)
 The same directives are also read from the chat request's `metadata` object (headers win), for gateways
@@ -120,6 +121,8 @@ class Upstream:
         reply.delay_s = self.latency_s * (path == "/chat/completions")
         reply.delay_s += float(directives.get("x-fake-delay-ms", 0)) / 1000
         reply.headers.append(("x-fake-upstream", self.name))
+        if "x-fake-set-cookie" in directives:
+            reply.headers.append(("set-cookie", directives["x-fake-set-cookie"]))
         return reply
 
     def _route(self, method: str, path: str, body: Any, directives: dict[str, str]) -> Reply:

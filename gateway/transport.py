@@ -48,7 +48,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit=self._max_connections, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+                # One pool serves every caller: a cookie one upstream answer sets must not ride on other
+                # callers' requests. aiohttp's default jar keeps cookies from named hosts.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

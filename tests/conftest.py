@@ -5,6 +5,7 @@ The config-mode `gateway` has one upstream per failure mode, all on loopback:
     slow    -> fake "primary"   slow-model (first byte within 0.5 s; retries allowed, timeouts are not retried)
     dead    -> a refusing port  dead-model (connection refused; one retry)
     flaky   -> fake "primary"   fallback-model (one retry, then falls back to `backup`)
+    named   -> fake "primary"   named-host-model, addressed as localhost (cookie jars refuse bare IPs)
     backup  -> fake "backup"
 The upstream-mode `upstream_gateway` (`apprentice serve --upstream`) serves what "primary" lists, without auth.
 Faults are asked of the fakes through the request's `metadata` (the gateway forwards the body, not headers);
@@ -30,7 +31,9 @@ from procs import Proc, child_env, refusing_port, start_fake_upstream, start_gat
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai" / "openapi.chat_models.augmented.json"
 CLIENT_KEYS_ENV = "GW_TEST_CLIENT_KEYS"
 CLIENT_KEYS = ("sk-test-alpha", "sk-test-beta")
-GATEWAY_MODELS = ["gpt-4o-mini", "gpt-4o", "fake-model", "slow-model", "dead-model", "fallback-model"]
+GATEWAY_MODELS = [
+    "gpt-4o-mini", "gpt-4o", "fake-model", "slow-model", "dead-model", "fallback-model", "named-host-model"
+]  # fmt: skip
 SLOW_FIRST_BYTE_S = 0.5
 MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_CAP_S = 5
@@ -111,6 +114,7 @@ def _gateway_config(tmp: Path, primary: str, backup: str, dead: str) -> Path:
                 "fallbacks": ["backup"],
             },
             "backup": {"api_base": backup + "/v1"},
+            "named": {"api_base": primary.replace("127.0.0.1", "localhost") + "/v1", "models": ["named-host-model"]},
         },
         # gpt-4o at exactly $1 per prompt token: the cost metric must then equal the prompt tokens.
         "pricing": {"models": {"gpt-4o": {"input_per_mtok": 1_000_000, "output_per_mtok": 0}}},

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import CLIENT_KEYS, CLIENT_KEYS_ENV, Stack
+from conftest import CLIENT_KEYS, CLIENT_KEYS_ENV, Stack, fault
 from procs import (
     VENV_BIN,
     child_env,
@@ -122,6 +122,25 @@ def test_every_parameter_reaches_the_upstream_unchanged(client: openai.OpenAI, s
     assert json.loads(calls[0].function.arguments) == {"city": "fake"}
 
 
+def test_a_cookie_an_upstream_sets_never_rides_on_later_requests(
+    client: openai.OpenAI, stack: Stack, marker: str
+) -> None:
+    # One connection pool serves every caller: a cookie kept from one answer (a CDN's bot cookie, say) would
+    # carry one caller's upstream state into the requests of others. The upstream is addressed by name
+    # (localhost) because cookie jars refuse cookies from bare IP addresses.
+    for _ in range(2):
+        client.chat.completions.create(
+            model="named-host-model",
+            messages=MESSAGES,
+            user=marker,
+            metadata=fault(set_cookie="__cf_bm=abc123; Path=/"),
+        )
+    detailed = httpx.get(stack.primary.url + "/_requests", params={"detail": "1"}, timeout=10).json()
+    received = [r for r in detailed if r["body"].get("user") == marker]
+    assert len(received) == 2
+    assert [r["headers"].get("cookie") for r in received] == [None, None]
+
+
 def test_response_format_json_object_streamed_is_passed_through(
     client: openai.OpenAI, stack: Stack, marker: str
 ) -> None:
@@ -150,6 +169,7 @@ def test_models_list_and_retrieve_in_config_mode(client: openai.OpenAI) -> None:
         "slow-model": "slow",
         "dead-model": "dead",
         "fallback-model": "flaky",
+        "named-host-model": "named",
     }
     model = client.models.retrieve("gpt-4o")
     assert (model.id, model.object) == ("gpt-4o", "model")
