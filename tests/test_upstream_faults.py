@@ -226,3 +226,24 @@ async def test_a_stream_cut_inside_an_event_still_ends_with_a_parseable_error_ev
     # Whatever came before, the error arrives as its own event that parses as the OpenAI error envelope.
     error = json.loads(events[-1].strip().removeprefix("data: "))
     assert error["error"]["code"] == "upstream_unavailable"
+
+
+async def test_an_unexpected_error_on_the_hot_path_is_a_500_in_openai_shape() -> None:
+    # The hot route skips FastAPI's middleware (gateway.app.GatewayApp); a bug below it must still answer
+    # with OpenAI's envelope, not a bare "Internal Server Error" text.
+    def upstream(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug in a dependency")
+
+    settings = Settings.model_validate({"upstreams": {"up": {"api_base": "http://upstream.test/v1", "models": ["m"]}}})
+    app = create_app(settings, transport=httpx.MockTransport(upstream))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client,
+    ):
+        resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+        wrong_method = await client.get("/v1/chat/completions")
+    assert resp.status_code == 500
+    assert resp.json()["error"]["type"] == "server_error"
+    assert "a bug in a dependency" not in resp.text  # internals stay in the server's log
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
