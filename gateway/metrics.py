@@ -8,6 +8,7 @@ files there and /metrics aggregates every worker's files.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,11 +20,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 def multiprocess_dir() -> str | None:
@@ -39,6 +42,7 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         # In multiprocess mode metrics must not sit in a registry that is also scraped through the collector.
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         reg = None if self.multiprocess else self.registry
 
         self.requests = Counter(
@@ -118,6 +122,16 @@ class Metrics:
         )  # fmt: skip
         for outcome in ("written", "spooled", "replayed", "dropped"):
             self.log_records.labels(outcome=outcome)
+
+    def child(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)` (values in label-name order), remembered: labels() validates and locks on
+        every call, about 4 us here, and a request touches up to eight series. Only for series that are never
+        removed; the cache holds what the metric itself keeps."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[return-value]
 
     def render(self) -> bytes:
         if self.multiprocess:

@@ -7,9 +7,9 @@ field instead of an upstream round trip.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest
@@ -89,8 +89,8 @@ def _within(param: str, field: str) -> bool:
 def parse_chat_request(body: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
     """The raw JSON object (forwarded as-is) and its validated view; InvalidRequest names the bad field."""
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = orjson.loads(body)
+    except ValueError as exc:  # orjson.JSONDecodeError, bad UTF-8 included
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}. The body must be a JSON object."
         ) from exc

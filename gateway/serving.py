@@ -6,12 +6,12 @@ Route functions in gateway.app only map what this returns (a JSON or SSE respons
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import ModelNotFound, UpstreamError, sse_error_event
@@ -92,22 +92,22 @@ class Accounting:
         """Counts tokens and cost of one teacher answer; route "shadow" for the background shadow calls."""
         m = self.metrics
         if prompt is not None:
-            m.tokens.labels(model=metric_model, route=route, kind="prompt").inc(prompt)
+            m.child(m.tokens, metric_model, route, "prompt").inc(prompt)
         if completion is not None:
-            m.tokens.labels(model=metric_model, route=route, kind="completion").inc(completion)
+            m.child(m.tokens, metric_model, route, "completion").inc(completion)
         cost = self.prices.cost(priced_model, prompt, completion)
         if cost is None:
             m.cost_unknown.labels(model=metric_model).inc()
         else:
-            m.cost.labels(model=metric_model, route=route).inc(cost)
+            m.child(m.cost, metric_model, route).inc(cost)
         return cost
 
     def finished(self, model: str, route: str, reason: str, status: int, timer: Timer, upstream_s: float) -> None:
         m = self.metrics
-        m.requests.labels(model=model, route=route, reason=reason, status=str(status)).inc()
+        m.child(m.requests, model, route, reason, str(status)).inc()
         elapsed = timer.elapsed()
-        m.latency.labels(model=model, route=route).observe(elapsed)
-        m.overhead.labels(route=route).observe(max(0.0, elapsed - upstream_s))
+        m.child(m.latency, model, route).observe(elapsed)
+        m.child(m.overhead, route).observe(max(0.0, elapsed - upstream_s))
 
 
 class Passthrough:
@@ -167,7 +167,7 @@ class Passthrough:
             async for line in stream.lines():
                 if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
                     with contextlib.suppress(ValueError):
-                        prompt, completion = usage_of(json.loads(line[6:]))
+                        prompt, completion = usage_of(orjson.loads(line[6:]))
                 yield line.encode() + b"\n"
         except UpstreamError as exc:
             status = exc.status

@@ -180,8 +180,8 @@ class TaskService:
             # The distribution is only needed for logprobs; skipping it saves a sort per request.
             top_k = max(1, request.top_logprobs or 0) if request.logprobs else 0
             decision = specialist.decide(text, top_k=top_k)
-            self.metrics.specialist_latency.labels(task=task.name).observe(decision.inference_ms / 1000)
-            self.metrics.router_score.labels(task=task.name).observe(decision.score)
+            self.metrics.child(self.metrics.specialist_latency, task.name).observe(decision.inference_ms / 1000)
+            self.metrics.child(self.metrics.router_score, task.name).observe(decision.score)
             if decision.route == "specialist" or force == "specialist":
                 state.served += 1
                 return self._specialist(state, specialist, decision, raw, request, text or "", timer, force)
@@ -229,12 +229,12 @@ class TaskService:
         )
         reason = "forced" if force == "specialist" and decision.route != "specialist" else "specialist"
         m = self.metrics
-        m.tokens.labels(model=task.name, route="specialist", kind="prompt").inc(prompt)
-        m.tokens.labels(model=task.name, route="specialist", kind="completion").inc(completion)
-        m.cost.labels(model=task.name, route="specialist").inc(decision.cpu_s * self.accounting.prices.cpu_second_usd)
+        m.child(m.tokens, task.name, "specialist", "prompt").inc(prompt)
+        m.child(m.tokens, task.name, "specialist", "completion").inc(completion)
+        m.child(m.cost, task.name, "specialist").inc(decision.cpu_s * self.accounting.prices.cpu_second_usd)
         avoided = self.accounting.prices.cost(task.teacher, prompt, completion)
         if avoided is not None:
-            m.savings.labels(task=task.name).inc(avoided)
+            m.child(m.savings, task.name).inc(avoided)
         if task.shadow_rate > 0 and random.random() < task.shadow_rate:
             self.shadow.try_start(task.name, self._shadow_call(state, raw, text, decision, specialist.version))
         headers = self._headers("specialist", reason, decision, specialist)

@@ -1,21 +1,62 @@
-"""An httpx transport on aiohttp's connection pool: the shared httpx.AsyncClient's default for upstreams.
+"""The shared client's transport for upstreams: httpx's API on aiohttp's connection pool, plus a direct relay.
 
 Measured here at 16 concurrent requests on uvloop: httpx's own pool (httpcore) spent about 1.8 ms of CPU per
 upstream request, most of it scanning every pooled connection for expiry on each request; through this
 transport the same client spends about 0.5 ms. The client API is unchanged, so tests still inject
-`httpx.MockTransport`. aiohttp errors are mapped to the httpx exceptions the teacher client handles:
-connect failures -> ConnectError / ConnectTimeout, a read gap -> ReadTimeout, a broken body -> ReadError.
+`httpx.MockTransport`.
+
+`relay` is the non-streaming hot path: it posts bytes and returns the status, headers and body through the
+same aiohttp session (the same pool and the same error mapping) without building httpx Request and Response
+objects, whose layers (auth, redirects, cookie extraction, `aread`) cost about 0.2 ms of CPU per request.
+
+aiohttp errors are mapped to the httpx exceptions the teacher client handles: connect failures ->
+ConnectError / ConnectTimeout, a read gap -> ReadTimeout, a broken body -> ReadError.
+
+The session keeps no cookies: one client serves every caller, so a cookie one upstream answer sets (a CDN's
+bot cookie, say) must never ride along on another caller's request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
+from yarl import URL
 
 # aiohttp computes these from the body it sends; a second copy would make the request ambiguous.
 _SET_BY_AIOHTTP = frozenset({"content-length", "transfer-encoding"})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete upstream answer from `AiohttpTransport.relay`."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    content: bytes
+
+
+def client_timeout(*, connect_s: float | None, read_s: float | None, pool_s: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for httpx's connect / read / pool ones; the total deadline is the caller's."""
+    return aiohttp.ClientTimeout(total=None, connect=pool_s, sock_connect=connect_s, sock_read=read_s)
+
+
+def _request_error(exc: Exception, request: httpx.Request | None) -> httpx.TransportError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(f"connect timed out: {exc}", request=request)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout(f"no response within the read timeout: {exc}", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    return httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}", request=request)
+
+
+def _body_error(exc: Exception) -> httpx.TransportError:
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout(f"no data within the read timeout: {exc}")
+    return httpx.ReadError(f"the response body broke off: {exc!r}")
 
 
 class _Body(httpx.AsyncByteStream):
@@ -26,10 +67,8 @@ class _Body(httpx.AsyncByteStream):
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(f"no data within the read timeout: {exc}") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise httpx.ReadError(f"the response body broke off: {exc!r}") from exc
+            raise _body_error(exc) from exc
 
     async def aclose(self) -> None:
         self._response.release()
@@ -51,20 +90,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 connector=connector,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
-                # One pool serves every caller: a cookie one upstream answer sets must not ride on other
-                # callers' requests. aiohttp's default jar keeps cookies from named hosts.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
-        client_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeout.get("pool"),
-            sock_connect=timeout.get("connect"),
-            sock_read=timeout.get("read"),
-        )
         try:
             response = await self._get_session().request(
                 request.method,
@@ -72,16 +103,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=[(k, v) for k, v in request.headers.multi_items() if k not in _SET_BY_AIOHTTP],
                 data=request.content or None,
                 allow_redirects=False,
-                timeout=client_timeout,
+                timeout=client_timeout(
+                    connect_s=timeout.get("connect"), read_s=timeout.get("read"), pool_s=timeout.get("pool")
+                ),
             )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout(f"connect timed out: {exc}", request=request) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(f"no response within the read timeout: {exc}", request=request) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}", request=request) from exc
+            raise _request_error(exc, request) from exc
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
@@ -89,6 +116,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )
+
+    async def relay(self, url: URL, headers: Mapping[str, str], body: bytes, timeout: aiohttp.ClientTimeout) -> Reply:
+        """POST `body` to `url` and read the whole answer. Raises the httpx exceptions handle_async_request does."""
+        try:
+            response = await self._get_session().post(
+                url, headers=headers, data=body, allow_redirects=False, timeout=timeout
+            )
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise _request_error(exc, None) from exc
+        try:
+            content = await response.read()
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise _body_error(exc) from exc
+        finally:
+            response.release()
+        return Reply(response.status, response.headers, content)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -15,11 +15,14 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
+import orjson
+from yarl import URL
 
 from gateway.errors import (
     ApiError,
@@ -30,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.settings import Settings, UpstreamConfig
-from gateway.transport import AiohttpTransport
+from gateway.transport import AiohttpTransport, client_timeout
 
 log = logging.getLogger("apprentice.upstream")
 T = TypeVar("T")
@@ -45,13 +48,18 @@ class Upstream:
     url: httpx.URL = field(default_factory=lambda: httpx.URL("http://unset"))
     headers: dict[str, str] = field(default_factory=dict)
     timeout: httpx.Timeout = field(default_factory=lambda: httpx.Timeout(5.0))
+    # The same URL and timeouts for the transport's direct relay (AiohttpTransport.relay).
+    relay_url: URL = field(default_factory=lambda: URL("http://unset"))
+    relay_timeout: aiohttp.ClientTimeout = field(default_factory=aiohttp.ClientTimeout)
 
     def __post_init__(self) -> None:
         t = self.config.timeouts
         self.timeout = httpx.Timeout(connect=t.connect_s, read=t.first_byte_s, write=t.connect_s, pool=t.connect_s)
+        self.relay_timeout = client_timeout(connect_s=t.connect_s, read_s=t.first_byte_s, pool_s=t.connect_s)
         base = (self.config.api_base or "").rstrip("/")
         # Parsed once: httpx re-parses a str URL on every request.
         self.url = httpx.URL(f"{base}/chat/completions")
+        self.relay_url = URL(str(self.url))
         self.headers = {"content-type": "application/json"}
         if self.key:
             self.headers["authorization"] = f"Bearer {self.key}"
@@ -67,7 +75,7 @@ class Completion:
     upstream_s: float
 
     def json(self) -> dict[str, Any]:
-        data = json.loads(self.content)
+        data = orjson.loads(self.content)
         return data if isinstance(data, dict) else {}
 
 
@@ -126,8 +134,12 @@ class TeacherClient:
         self.metrics = metrics
         self._sleep = sleep
         self.upstreams = {name: Upstream(name, cfg, cfg.resolved_key(name)) for name, cfg in settings.upstreams.items()}
+        transport = transport or AiohttpTransport()
+        # Non-streaming answers skip httpx's Request/Response layers when the pool is our aiohttp transport
+        # (gateway.transport); an injected transport (httpx.MockTransport in unit tests) gets the full client.
+        self._relay = transport.relay if isinstance(transport, AiohttpTransport) else None
         self.http = httpx.AsyncClient(
-            transport=transport or AiohttpTransport(),
+            transport=transport,
             timeout=httpx.Timeout(60.0, connect=5.0),
             follow_redirects=False,
         )
@@ -220,20 +232,24 @@ class TeacherClient:
         if up.config.provider == "litellm":
             return await self._litellm_complete(up, body)
         t0 = time.perf_counter()
+        content = encoded or _dumps(body)
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
-                resp = await self.http.post(
-                    up.url, content=encoded or _dumps(body), headers=up.headers, timeout=up.timeout
-                )
+                if self._relay is not None:
+                    reply = await self._relay(up.relay_url, up.headers, content, up.relay_timeout)
+                    status, headers, answer = reply.status, reply.headers, reply.content
+                else:
+                    resp = await self.http.post(up.url, content=content, headers=up.headers, timeout=up.timeout)
+                    status, headers, answer = resp.status_code, resp.headers, resp.content
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(up.name, _describe_transport(exc)) from exc
         elapsed = time.perf_counter() - t0
-        self.metrics.upstream_latency.labels(upstream=up.name).observe(elapsed)
-        if resp.status_code >= 400:
-            raise UpstreamStatusError(up.name, resp.status_code, resp.content, _retry_headers(resp))
-        return Completion(up.name, resp.status_code, resp.content, elapsed)
+        self.metrics.child(self.metrics.upstream_latency, up.name).observe(elapsed)
+        if status >= 400:
+            raise UpstreamStatusError(up.name, status, answer, _retry_headers(headers))
+        return Completion(up.name, status, answer, elapsed)
 
     async def _open_stream_once(self, up: Upstream, body: dict[str, Any], encoded: bytes | None) -> Stream:
         if up.config.provider == "litellm":
@@ -257,9 +273,9 @@ class TeacherClient:
                 content = b""
             finally:
                 await resp.aclose()
-            raise UpstreamStatusError(up.name, resp.status_code, content, _retry_headers(resp))
+            raise UpstreamStatusError(up.name, resp.status_code, content, _retry_headers(resp.headers))
         elapsed = time.perf_counter() - t0
-        self.metrics.upstream_latency.labels(upstream=up.name).observe(elapsed)
+        self.metrics.child(self.metrics.upstream_latency, up.name).observe(elapsed)
         return Stream(up.name, elapsed, resp.aiter_lines(), resp.aclose, up.config.timeouts.first_byte_s, deadline)
 
     # -- litellm (imported on first use only) -------------------------------------------------------------
@@ -330,11 +346,11 @@ class TeacherClient:
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return orjson.dumps(body)  # compact UTF-8 JSON
 
 
-def _retry_headers(resp: httpx.Response) -> dict[str, str]:
-    value = resp.headers.get("retry-after")
+def _retry_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    value = headers.get("retry-after")
     return {"retry-after": value} if value is not None else {}
 
 
