@@ -29,6 +29,7 @@ from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     NotFound,
+    NotReady,
     PayloadTooLarge,
     PermissionDenied,
     error_response,
@@ -43,6 +44,8 @@ from gateway.tasks import TaskService
 from gateway.upstream import TeacherClient
 
 log = logging.getLogger("apprentice.app")
+# How long a request for an unknown model waits for a model-discovery attempt it asked for.
+DISCOVERY_WAIT_S = 5.0
 
 
 class Auth:
@@ -101,6 +104,38 @@ class Services:
     sink: InferenceSink
     ready: bool = False
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Model discovery (`discover_models` upstreams): a request for an unknown model while some upstream has
+    # not listed its models yet sets `discovery_wanted` (the next attempt starts at once instead of after its
+    # backoff) and waits for `discovery_round`, which is set and replaced after every attempt.
+    discovery_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    discovery_round: asyncio.Event = field(default_factory=asyncio.Event)
+    discovered: set[str] = field(default_factory=set)
+
+    async def upstream_for(self, model: str) -> str:
+        """The upstream serving `model`; while models are still being discovered, asks again before a 404."""
+        try:
+            return self.models.upstream_for(model)
+        except ModelNotFound:
+            if self.ready:
+                raise
+        round_done = self.discovery_round
+        self.discovery_wanted.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DISCOVERY_WAIT_S):
+                await round_done.wait()
+        try:
+            return self.models.upstream_for(model)
+        except ModelNotFound:
+            if self.ready:
+                raise
+        raise NotReady(
+            f"The model list of upstream(s) {', '.join(self.discovering)} is not known yet (the upstream did not "
+            "answer GET /models); this gateway cannot route the model yet. Retry shortly; /readyz says when."
+        ) from None
+
+    @property
+    def discovering(self) -> list[str]:
+        return [n for n, up in self.settings.upstreams.items() if up.discover_models and n not in self.discovered]
 
 
 async def _services(request: Request) -> Services:
@@ -234,23 +269,33 @@ def _make_sink(settings: Settings, metrics: Metrics) -> InferenceSink:
 
 
 async def _discover_models(services: Services) -> None:
-    """Adds the models that `discover_models` upstreams list; retries until each has answered once."""
-    pending = [name for name, up in services.settings.upstreams.items() if up.discover_models]
+    """Adds the models that `discover_models` upstreams list; retries until each has answered once.
+
+    Attempts back off from 0.5 s to 10 s, but a request for an unknown model starts the next one at once
+    (Services.upstream_for): with several workers each lists the models itself, and a worker that starts
+    while the upstream is briefly away must not answer 404 for up to 10 s after it is back."""
     delay = 0.5
-    while pending:
-        for name in list(pending):
+    while True:
+        for name in services.discovering:
             try:
                 models = await services.teacher.list_models(name)
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"; logged and retried
                 log.warning("cannot list models of upstream %s yet: %r", name, exc)
                 continue
             services.models.add(name, models)
-            pending.remove(name)
+            services.discovered.add(name)
             log.info("upstream %s serves %d models", name, len(models))
-        if pending:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-    services.ready = True
+        if not services.discovering:
+            services.ready = True
+        finished, services.discovery_round = services.discovery_round, asyncio.Event()
+        finished.set()
+        if services.ready:
+            return
+        services.discovery_wanted.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await services.discovery_wanted.wait()
+        delay = min(delay * 2, 10.0)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -292,7 +337,7 @@ def _add_routes(app: GatewayApp, settings: Settings) -> None:
         if task is not None:
             force = request.headers.get("x-apprentice-force-route")
             return await services.tasks.handle(task, raw, parsed, timer, force=force, is_admin=is_admin)
-        upstream = services.models.upstream_for(parsed.model)
+        upstream = await services.upstream_for(parsed.model)
         return await services.passthrough.handle(upstream, raw, parsed, timer, body)
 
     # The hot path is a plain handler that GatewayApp calls directly: FastAPI's dependency solving, endpoint

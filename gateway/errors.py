@@ -87,6 +87,14 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
+class NotReady(ApiError):
+    """The gateway cannot route the request yet (the upstream's model list is not known)."""
+
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
 class UpstreamError(ApiError):
     """Base of everything that went wrong on the teacher side; `upstream` names the last one tried."""
 

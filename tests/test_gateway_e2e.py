@@ -26,7 +26,6 @@ from procs import (
     scrape_metrics,
     start_fake_upstream,
     start_gateway,
-    wait_http_ok,
 )
 
 pytestmark = pytest.mark.e2e
@@ -200,11 +199,23 @@ def test_upstream_mode_is_not_ready_until_the_upstream_lists_its_models(tmp_path
         ready = httpx.get(gateway.url + "/readyz")  # ...but it knows no model yet
         assert ready.status_code == 503
         assert ready.json() == {"status": "not_ready", "checks": {"upstream_models": False}}
+        # A request meanwhile is not a 404: the gateway cannot know yet whether the model exists.
+        early = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "late-model", "messages": MESSAGES})
+        assert early.status_code == 503
+        assert early.json()["error"]["code"] == "not_ready"
         port = upstream_url.rsplit(":", 1)[1]
+        # Let the discovery back-off grow to 8 s (5 failed attempts, 7.5 s): the first request after the upstream
+        # is back must not wait for the next scheduled attempt (it would give up after DISCOVERY_WAIT_S = 5 s).
+        deadline = time.monotonic() + 30
+        while gateway.output().count("cannot list models of upstream") < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
         with start_fake_upstream("--port", port, "--models", "late-model", log_dir=tmp_path):
-            wait_http_ok(gateway.url + "/readyz", proc=gateway, timeout_s=30)
-            resp = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "late-model", "messages": MESSAGES})
+            body = {"model": "late-model", "messages": MESSAGES}
+            resp = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10)
             assert resp.status_code == 200, resp.text
+            assert httpx.get(gateway.url + "/readyz").status_code == 200
+            unknown = httpx.post(gateway.url + "/v1/chat/completions", json={**body, "model": "never-listed"})
+            assert unknown.status_code == 404
 
 
 def test_health_readiness_and_metrics_endpoints(client: openai.OpenAI, stack: Stack) -> None:
