@@ -112,6 +112,10 @@ class Metrics:
             "apprentice_shadow_agreement", "Live agreement of the specialist with the teacher over the "
             "shadow window", ["task"], registry=reg, multiprocess_mode="mostrecent",
         )  # fmt: skip
+        self.target_agreement = Gauge(
+            "apprentice_target_agreement", "Each task's configured target_agreement, for alert rules to compare "
+            "live agreement with", ["task"], registry=reg, multiprocess_mode="max",
+        )  # fmt: skip
         self.log_queue_depth = Gauge(
             "apprentice_log_queue_depth", "Inference-log records waiting to be written",
             registry=reg, multiprocess_mode="livesum",

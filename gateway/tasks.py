@@ -82,6 +82,8 @@ class TaskService:
         self.shadow = ShadowRunner(
             self.metrics, max_concurrency=settings.shadow.max_concurrency, window=settings.shadow.window
         )
+        for name, cfg in settings.tasks.items():
+            self.metrics.target_agreement.labels(task=name).set(cfg.target_agreement)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from task_stack import (
     user,
 )
 
+from gateway.settings import TaskConfig
+
 pytestmark = pytest.mark.e2e
 
 
@@ -339,3 +341,11 @@ def test_an_unknown_forced_route_is_a_400(admin_client: openai.OpenAI, stack: Ta
             model="intent", messages=user(stack.confident[0][0]), extra_headers={"x-apprentice-force-route": "both"}
         )
     assert caught.value.status_code == 400
+
+
+def test_each_task_exports_its_target_agreement_for_the_alert_rules(stack: TaskStack) -> None:
+    # deploy/prometheus/rules.yml compares live agreement with this gauge rather than a number in the rules.
+    target = TaskConfig.model_fields["target_agreement"].default  # write_config leaves the default
+    samples = stack.metrics()
+    assert metric_total(samples, "apprentice_target_agreement", task="intent") == target
+    assert metric_total(samples, "apprentice_target_agreement", task="intent_empty") == target
