@@ -12,6 +12,7 @@ GET|DELETE /_stats (hit counters). Faults are driven by request headers so paral
   x-fake-cut-stream-after: N         stream N content chunks, then close without [DONE]
   x-fake-content: TEXT               the assistant's answer text
   x-fake-set-cookie: COOKIE          send `set-cookie: COOKIE` with the answer
+  x-fake-gzip: 1                     gzip a whole (non-stream) answer, whatever accept-encoding asked for
   x-fake-fail-on: NAME[,NAME]        apply x-fake-fail, -fail-times and -retry-after only on the instances
                                      started with --name NAME (a request fails on a primary, not its fallback)
 The same directives are also read from the chat request's `metadata` object (headers win), for gateways
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import itertools
 import json
 import os
@@ -123,6 +125,9 @@ class Upstream:
         reply.headers.append(("x-fake-upstream", self.name))
         if "x-fake-set-cookie" in directives:
             reply.headers.append(("set-cookie", directives["x-fake-set-cookie"]))
+        if directives.get("x-fake-gzip") == "1" and reply.events is None and reply.body:
+            reply.body = gzip.compress(reply.body)
+            reply.headers.append(("content-encoding", "gzip"))
         return reply
 
     def _route(self, method: str, path: str, body: Any, directives: dict[str, str]) -> Reply:

@@ -18,6 +18,7 @@ bot cookie, say) must never ride along on another caller's request.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -51,6 +52,21 @@ def _request_error(exc: Exception, request: httpx.Request | None) -> httpx.Trans
     if isinstance(exc, aiohttp.ClientConnectorError):
         return httpx.ConnectError(str(exc), request=request)
     return httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}", request=request)
+
+
+def _decoded(content: bytes, encoding: str) -> bytes:
+    """The body without its content-encoding. The relay asks for identity; a server may compress anyway."""
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(content, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":  # zlib-wrapped as the RFC says, or raw as some servers send it
+            try:
+                return zlib.decompress(content)
+            except zlib.error:
+                return zlib.decompress(content, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise httpx.RemoteProtocolError(f"the {encoding}-encoded answer does not decode: {exc}") from exc
+    raise httpx.RemoteProtocolError(f"the answer has content-encoding {encoding!r}, which the gateway cannot decode")
 
 
 def _body_error(exc: Exception) -> httpx.TransportError:
@@ -118,7 +134,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def relay(self, url: URL, headers: Mapping[str, str], body: bytes, timeout: aiohttp.ClientTimeout) -> Reply:
-        """POST `body` to `url` and read the whole answer. Raises the httpx exceptions handle_async_request does."""
+        """POST `body` to `url` and read the whole answer, decoded (the session does not decompress: httpx
+        does that on the other path). Raises the httpx exceptions handle_async_request does."""
         try:
             response = await self._get_session().post(
                 url, headers=headers, data=body, allow_redirects=False, timeout=timeout
@@ -131,6 +148,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise _body_error(exc) from exc
         finally:
             response.release()
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            content = _decoded(content, encoding)
         return Reply(response.status, response.headers, content)
 
     async def aclose(self) -> None:

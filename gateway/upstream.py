@@ -60,7 +60,8 @@ class Upstream:
         # Parsed once: httpx re-parses a str URL on every request.
         self.url = httpx.URL(f"{base}/chat/completions")
         self.relay_url = URL(str(self.url))
-        self.headers = {"content-type": "application/json"}
+        # Identity: the relay forwards the answer's bytes, and compressing a few kB of JSON saves nothing.
+        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if self.key:
             self.headers["authorization"] = f"Bearer {self.key}"
 

@@ -140,6 +140,19 @@ def test_a_cookie_an_upstream_sets_never_rides_on_later_requests(
     assert [r["headers"].get("cookie") for r in received] == [None, None]
 
 
+def test_an_answer_compressed_against_our_asking_is_decoded(client: openai.OpenAI, stack: Stack, marker: str) -> None:
+    # The gateway asks for identity and forwards the answer's bytes; a server that gzips anyway must not reach
+    # the client as gzip bytes labelled application/json.
+    resp = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, user=marker, metadata=fault(gzip=1))
+    assert resp.choices[0].message.content
+    (received,) = [
+        r
+        for r in httpx.get(stack.primary.url + "/_requests", params={"detail": "1"}, timeout=10).json()
+        if r["body"].get("user") == marker
+    ]
+    assert received["headers"].get("accept-encoding") == "identity"
+
+
 def test_response_format_json_object_streamed_is_passed_through(
     client: openai.OpenAI, stack: Stack, marker: str
 ) -> None:
