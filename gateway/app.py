@@ -168,7 +168,7 @@ class GatewayApp(FastAPI):
     """FastAPI, except that POST /v1/chat/completions skips its middleware stack.
 
     FastAPI wraps every request in six ASGI layers (server-error, exception and exit-stack middleware, body
-    limit, telemetry, router); on the pass-through path they were about 15% of the gateway's CPU per
+    limit, telemetry, router); on the pass-through path they were about 15% of the gateway's Python time per
     request. The hot handler needs none of them: it reads its own body under its own limit and every error
     it raises is an ApiError. So `__call__` hands that one route straight to the handler, with the same
     error mapping the app's exception handlers give (and a logged 500 envelope for anything unexpected).
