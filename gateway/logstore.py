@@ -131,14 +131,17 @@ class LogStore:
         return len(rows)
 
     def iter_records(
-        self, task: str, since: float | None = None, until: float | None = None
+        self, task: str, since: float | None = None, until: float | None = None, *, bodies: bool = True
     ) -> Iterator[InferenceRecord]:
         """The task's records with since <= created_at < until, oldest first, read chunk_size rows at a time.
 
         Keyset paging on (created_at, id): each chunk is its own short read, so a long scan holds no
         transaction open (SQLite WAL could not checkpoint under one) and rows inserted meanwhile are seen.
+        `bodies=False` leaves the request and response JSON unread (records carry `{}` and None): distill
+        needs neither, and decoding them was a quarter of its time on 100k rows.
         """
         table = inference_log
+        columns = list(table.c) if bodies else [c for c in table.c if c.name not in ("request", "response")]
         window = [table.c.task == task]
         if since is not None:
             window.append(table.c.created_at >= since)
@@ -155,11 +158,13 @@ class LogStore:
                         and_(table.c.created_at == after[0], table.c.id > after[1]),
                     )
                 )
-            statement = select(table).where(*conditions).order_by(table.c.created_at, table.c.id).limit(self.chunk_size)
+            statement = (
+                select(*columns).where(*conditions).order_by(table.c.created_at, table.c.id).limit(self.chunk_size)
+            )
             with self._engine.connect() as conn:
                 rows = conn.execute(statement).mappings().all()
             for row in rows:
-                yield row_to_record(row)
+                yield row_to_record(row) if bodies else row_to_record({**row, "request": {}, "response": None})
             if len(rows) < self.chunk_size:
                 return
             after = (rows[-1]["created_at"], rows[-1]["id"])

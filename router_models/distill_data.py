@@ -50,7 +50,7 @@ def read_log(settings: Settings, task: str, since: float | None) -> list[Inferen
 
     store = LogStore(settings.log.url, chunk_size=10000)
     try:
-        return list(store.iter_records(task, since))
+        return list(store.iter_records(task, since, bodies=False))
     finally:
         store.close()
 

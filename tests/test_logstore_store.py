@@ -195,6 +195,10 @@ def test_iter_records_window_order_and_paging(store):
     assert [r.created_at for r in store.iter_records("intent", since=55.0)] == [60.0]
     assert [r.created_at for r in store.iter_records("intent", until=20.0)] == [10.0]
     assert list(store.iter_records("missing")) == []
+    # Without bodies: the same records, paged the same way, with the request and response JSON left unread.
+    assert list(store.iter_records("intent", bodies=False)) == [
+        dataclasses.replace(r, request={}, response=None) for r in expected
+    ]
 
 
 def test_count_and_prune(store):
