@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.inference_log import InferenceRecord
-from gateway.manifest import Manifest
+from gateway.manifest import Manifest, RouterSpec
 from gateway.router import apply_temperature, router_scores
 from router_models import calibration
-from router_models.distill_data import Example, read_log, soft_targets, time_split, to_examples, window_start
+from router_models.distill_data import Example, Split, read_log, soft_targets, time_split, to_examples, window_start
 from router_models.distill_progress import Steps
 from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_parity, make_manifest
 from router_models.registry import (
@@ -140,6 +140,64 @@ def gate(
     return True, f"not worse than current: coverage {cand_cov:.4f} vs {cur_cov:.4f}"
 
 
+@dataclass
+class Fitted:
+    """A trained and calibrated candidate, before export: the split it came from, the student, the
+    temperature, the router (weights and OOD threshold) and tau."""
+
+    split: Split
+    train: list[Example]
+    model: Any
+    temperature: float
+    router: RouterSpec
+    tau: calibration.TauResult
+
+
+def fit_specialist(
+    examples: list[Example], labels: list[str], target: float, kind: str, cfg: DistillConfig, steps: Steps, task: str
+) -> Fitted:
+    """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
+    split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
+    train = [e for e in split.train if e.label is not None]
+    if len(train) < cfg.min_train or len({e.label for e in train}) < 2:
+        raise DistillError(
+            f"not enough teacher-labelled data for task {task!r}: {len(examples)} unique inputs, "
+            f"{len(train)} labelled in the training split (need {cfg.min_train} and 2 labels)"
+        )
+    with steps.step("soft targets"):
+        targets = soft_targets(train, labels, cfg.kd_temperature)
+    model = build_student(kind, labels, cfg.max_features, cfg.max_iter)
+    with steps.step(f"train {kind} student", total=model.max_iter) as advance:
+        declined = [e.text for e in split.train if e.label is None]
+        model.fit([e.text for e in train], targets, on_iter=lambda i, loss: advance(1), decline_texts=declined)
+    with steps.step("calibrate"):
+        fit_probs, fit_ood = _predict(model, split.router_fit)
+        fit_labels = _teacher_labels(split.router_fit)
+        in_label = np.array([t is not None for t in fit_labels], dtype=bool)
+        label_idx = np.array([labels.index(t) for t in fit_labels if t is not None], dtype=np.int64)
+        temperature = calibration.fit_temperature(fit_probs[in_label], label_idx)
+        fit_agree = np.array(
+            [t is not None and labels[i] == t for i, t in zip(fit_probs.argmax(axis=1), fit_labels, strict=True)],
+            dtype=bool,
+        )
+        router = calibration.fit_router(
+            apply_temperature(fit_probs, temperature), fit_ood, fit_agree, in_label, cfg.ood_quantile,
+            weights=_weights(split.router_fit),
+        )  # fmt: skip
+        conf_probs, conf_ood = _predict(model, split.conformal)
+        conf_scores = router_scores(apply_temperature(conf_probs, temperature), conf_ood, router)
+        conf_labels = _teacher_labels(split.conformal)
+        conf_agree = np.array(
+            [t is not None and labels[i] == t for i, t in zip(conf_probs.argmax(axis=1), conf_labels, strict=True)],
+            dtype=bool,
+        )
+        tau_result = calibration.conformal_tau(
+            conf_scores, conf_ood <= router.ood_threshold, conf_agree, target,
+            start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal),
+        )  # fmt: skip
+    return Fitted(split, train, model, temperature, router, tau_result)
+
+
 @contextmanager
 def _maybe_lock(registry_dir: Path, task: str, dry_run: bool) -> Iterator[None]:
     context: AbstractContextManager[None] = nullcontext() if dry_run else task_lock(registry_dir, task)
@@ -182,44 +240,9 @@ def run_distill(
             except (OSError, ValueError) as exc:
                 raise DistillError(f"cannot read the inference log: {exc}") from exc
             examples, n_records = to_examples(source, task, labels, since, shadow_rate=task_cfg.shadow_rate)
-        split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
-        train = [e for e in split.train if e.label is not None]
-        if len(train) < cfg.min_train or len({e.label for e in train}) < 2:
-            raise DistillError(
-                f"not enough teacher-labelled data for task {task!r}: {len(examples)} unique inputs, "
-                f"{len(train)} labelled in the training split (need {cfg.min_train} and 2 labels)"
-            )
-        with steps.step("soft targets"):
-            targets = soft_targets(train, labels, cfg.kd_temperature)
-        model = build_student(kind, labels, cfg.max_features, cfg.max_iter)
-        with steps.step(f"train {kind} student", total=model.max_iter) as advance:
-            declined = [e.text for e in split.train if e.label is None]
-            model.fit([e.text for e in train], targets, on_iter=lambda i, loss: advance(1), decline_texts=declined)
-        with steps.step("calibrate"):
-            fit_probs, fit_ood = _predict(model, split.router_fit)
-            fit_labels = _teacher_labels(split.router_fit)
-            in_label = np.array([t is not None for t in fit_labels], dtype=bool)
-            label_idx = np.array([labels.index(t) for t in fit_labels if t is not None], dtype=np.int64)
-            temperature = calibration.fit_temperature(fit_probs[in_label], label_idx)
-            fit_agree = np.array(
-                [t is not None and labels[i] == t for i, t in zip(fit_probs.argmax(axis=1), fit_labels, strict=True)],
-                dtype=bool,
-            )
-            router = calibration.fit_router(
-                apply_temperature(fit_probs, temperature), fit_ood, fit_agree, in_label, cfg.ood_quantile,
-                weights=_weights(split.router_fit),
-            )  # fmt: skip
-            conf_probs, conf_ood = _predict(model, split.conformal)
-            conf_scores = router_scores(apply_temperature(conf_probs, temperature), conf_ood, router)
-            conf_labels = _teacher_labels(split.conformal)
-            conf_agree = np.array(
-                [t is not None and labels[i] == t for i, t in zip(conf_probs.argmax(axis=1), conf_labels, strict=True)],
-                dtype=bool,
-            )
-            tau_result = calibration.conformal_tau(
-                conf_scores, conf_ood <= router.ood_threshold, conf_agree, target,
-                start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal),
-            )  # fmt: skip
+        fitted = fit_specialist(examples, labels, target, kind, cfg, steps, task)
+        split, train, model = fitted.split, fitted.train, fitted.model
+        temperature, router, tau_result = fitted.temperature, fitted.router, fitted.tau
         with steps.step("export ONNX + parity"):
             onnx_bytes, input_spec, extra_files = export_student(model)
             # MiniLM runs a transformer per text on both sides: a smaller sample keeps the check in seconds.
