@@ -208,6 +208,7 @@ def evaluate(
     n_served = int(served.sum())
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     w_total, w_served = float(w.sum()), float(w[served].sum())
+    w_served_sq = float((w[served] ** 2).sum())
     coverage, agreement, _ = coverage_curve(scores, eligible, agree, w)
     meets = np.nonzero(agreement >= target)[0]
     labelled = ~declined
@@ -216,6 +217,8 @@ def evaluate(
         "served": n_served,
         "coverage": w_served / w_total if n else 0.0,
         "agreement_served": float((w * agree)[served].sum() / w_served) if n_served else None,
+        # Kish's effective sample size of the served rows: a shadow row of weight 20 is one observation, not 20.
+        "served_effective_n": w_served**2 / w_served_sq if n_served else 0.0,
         "coverage_at_target": float(coverage[meets[-1]]) if meets.size else 0.0,
         "accuracy_labelled": float(agree[labelled].mean()) if labelled.any() else None,
         "declines": int(declined.sum()),

@@ -67,3 +67,13 @@ def test_the_gate_refuses_a_candidate_that_would_serve_nothing():
     assert not promoted and "coverage" in reason
     promoted, _ = gate({**candidate, "coverage": 0.6, "agreement_served": 0.975}, current, 0.97, 0.01)
     assert promoted
+
+
+def test_the_gate_forgives_agreement_within_sampling_noise_of_the_target():
+    current = {"coverage": 0.45, "agreement_served": 0.985, "served_effective_n": 600.0}
+    # 0.962 over an effective 150 served rows is within two standard errors of 0.97 (0.028): promote.
+    noisy = {"coverage": 0.70, "agreement_served": 0.962, "served_effective_n": 150.0}
+    assert gate(noisy, current, 0.97, 0.01)[0]
+    # The same agreement over 3000 effective rows is clearly below the target (noise 0.006): keep current.
+    promoted, reason = gate({**noisy, "served_effective_n": 3000.0}, current, 0.97, 0.01)
+    assert not promoted and "sampling noise" in reason
