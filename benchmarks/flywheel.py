@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/flywheel_<student>.json)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the registry, log and configs here")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--no-system-prompt", action="store_true", help="send the bare user message (no instructions, no label list)"
+    )
     parser.add_argument("--traffic-limit", type=int, default=None, help="smoke runs: replay at most this many")
     parser.add_argument("--test-limit", type=int, default=None, help="smoke runs: test on at most this many")
     args = parser.parse_args(argv)
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         student=args.student,
         target_agreement=args.target_agreement,
         concurrency=args.concurrency,
+        system_prompt=not args.no_system_prompt,
         traffic_limit=args.traffic_limit,
         test_limit=args.test_limit,
     )

@@ -50,6 +50,10 @@ class FlywheelConfig:
     teacher_latency_ms: float = 0.0
     seed: int = 0
     concurrency: int = 8
+    # Send the instructions and the label list as a system message, as an application classifying with an LLM
+    # must (the teacher cannot answer with labels it was never told). The task input the gateway routes on is
+    # still the last user message; the system prompt only makes prompt tokens, and so cost, realistic.
+    system_prompt: bool = True
     # Caps for smoke runs: None replays all traffic / the whole test split.
     traffic_limit: int | None = None
     test_limit: int | None = None
@@ -87,6 +91,20 @@ class FlywheelResult:
         return asdict(self)
 
 
+def system_prompt(labels: Sequence[str]) -> str:
+    """The instructions an application would send to an LLM classifying its messages into `labels`."""
+    return (
+        "Classify the user's message into exactly one of the following intents. Answer with the intent name "
+        "only. If the message fits none of them, say that you cannot help.\nIntents: " + ", ".join(labels)
+    )
+
+
+def _messages(text: str, system: str | None) -> list[Any]:
+    """The chat messages for one input (Any: the openai client's message TypedDicts are imported lazily)."""
+    user = {"role": "user", "content": text}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
 def _config_yaml(cfg: FlywheelConfig, teacher_url: str, labels: list[str]) -> dict[str, Any]:
     return {
         "upstreams": {"teacher": {"api_base": teacher_url + "/v1", "models": [MODEL_ID]}},
@@ -106,7 +124,9 @@ def _config_yaml(cfg: FlywheelConfig, teacher_url: str, labels: list[str]) -> di
     }
 
 
-async def _replay(base_url: str, examples: Sequence[Example], concurrency: int, progress: Progress) -> list[Answer]:
+async def _replay(
+    base_url: str, examples: Sequence[Example], concurrency: int, progress: Progress, system: str | None
+) -> list[Answer]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=2, timeout=120)
@@ -117,7 +137,7 @@ async def _replay(base_url: str, examples: Sequence[Example], concurrency: int, 
         nonlocal done
         async with gate:
             raw = await client.chat.completions.with_raw_response.create(
-                model=TASK, messages=[{"role": "user", "content": example.text}]
+                model=TASK, messages=_messages(example.text, system)
             )
         completion = raw.parse()
         done += 1
@@ -139,7 +159,9 @@ async def _replay(base_url: str, examples: Sequence[Example], concurrency: int, 
         await client.close()
 
 
-async def _ask_teacher(teacher_url: str, texts: Sequence[str], concurrency: int) -> list[tuple[str, int, int]]:
+async def _ask_teacher(
+    teacher_url: str, texts: Sequence[str], concurrency: int, system: str | None
+) -> list[tuple[str, int, int]]:
     """(answer, prompt_tokens, completion_tokens) straight from the teacher, for each text."""
     import openai
 
@@ -148,7 +170,7 @@ async def _ask_teacher(teacher_url: str, texts: Sequence[str], concurrency: int)
 
     async def one(text: str) -> tuple[str, int, int]:
         async with gate:
-            c = await client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}])
+            c = await client.chat.completions.create(model=MODEL_ID, messages=_messages(text, system))
         usage = c.usage
         return (
             c.choices[0].message.content or "",
@@ -252,6 +274,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
     random.Random(cfg.seed + 1).shuffle(test)
     if cfg.test_limit is not None:
         test = test[: cfg.test_limit]
+    system = system_prompt(dataset.labels) if cfg.system_prompt else None
     logs = cfg.workdir / "logs"
     children: list[Child] = []
     try:
@@ -278,7 +301,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
             batch = traffic[(day - 1) * per_day : day * per_day]
             progress(f"day {day}: replaying {len(batch)} requests")
             t0 = time.perf_counter()
-            answers = asyncio.run(_replay(gateway.url, batch, cfg.concurrency, progress))
+            answers = asyncio.run(_replay(gateway.url, batch, cfg.concurrency, progress, system))
             replay_s = time.perf_counter() - t0
             in_scope = [a for a in answers if a.label != "oos"]
             served = [a for a in in_scope if a.route == "specialist"]
@@ -306,12 +329,12 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
 
         progress(f"test: sending {len(test)} requests through the gateway and to the teacher directly")
         cost_before = _scrape_costs(gateway.url)
-        answers = asyncio.run(_replay(gateway.url, test, cfg.concurrency, progress))
+        answers = asyncio.run(_replay(gateway.url, test, cfg.concurrency, progress, system))
         time.sleep(1.0)  # shadow calls finish in the background; their cost is the gateway's too
         cost_after = _scrape_costs(gateway.url)
         cost_by_route = {r: cost_after[r] - cost_before.get(r, 0.0) for r in sorted(cost_after)}
         gateway_cost = sum(cost_by_route.values())
-        direct = asyncio.run(_ask_teacher(teacher.url, [e.text for e in test], cfg.concurrency))
+        direct = asyncio.run(_ask_teacher(teacher.url, [e.text for e in test], cfg.concurrency, system))
     finally:
         for child in reversed(children):
             child.stop()
@@ -344,6 +367,8 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
             "offloaded": len(offloaded),
             "reasons": {r: sum(a.reason == r for a in answers) for r in sorted({a.reason for a in answers})},
             "cost_usd_by_route": cost_by_route,
+            "system_prompt_chars": len(system or ""),
+            "mean_prompt_tokens": _share(sum(p for _, p, _ in direct), len(direct)),
         },
     )
     return result
