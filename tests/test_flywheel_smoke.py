@@ -65,6 +65,10 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
         assert 0.0 <= result[key] <= 1.0
     # The teacher is priced as a real model, so the all-teacher cost is known and the ratio is finite.
     assert result["all_teacher_cost_usd"] > 0 and result["cost_ratio"] is not None
+    # Requests carry the instructions and the label list as a system prompt, as an LLM classifier needs; the
+    # teacher counts those tokens, so a request costs about the same whatever its label.
+    assert result["test"]["system_prompt_chars"] > 0
+    assert result["test"]["mean_prompt_tokens"] > result["test"]["system_prompt_chars"] / 4
     assert out.with_suffix(".md").read_text().count("|") > 20
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
