@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -44,8 +45,10 @@ from gateway.tasks import TaskService
 from gateway.upstream import TeacherClient
 
 log = logging.getLogger("apprentice.app")
-# How long a request for an unknown model waits for a model-discovery attempt it asked for.
+# How long a request for an unknown model waits for a model-discovery attempt it asked for, and how often
+# requests may start one (a burst of them while the upstream is away must not become a burst of GET /models).
 DISCOVERY_WAIT_S = 5.0
+DISCOVERY_MIN_INTERVAL_S = 1.0
 
 
 class Auth:
@@ -105,10 +108,11 @@ class Services:
     ready: bool = False
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     # Model discovery (`discover_models` upstreams): a request for an unknown model while some upstream has
-    # not listed its models yet sets `discovery_wanted` (the next attempt starts at once instead of after its
-    # backoff) and waits for `discovery_round`, which is set and replaced after every attempt.
+    # not listed its models yet sets `discovery_wanted` (the next attempt starts without waiting out its
+    # back-off, but at most one every DISCOVERY_MIN_INTERVAL_S) and waits for `discovery_next`, the event of
+    # the next attempt to start, set when that attempt has finished.
     discovery_wanted: asyncio.Event = field(default_factory=asyncio.Event)
-    discovery_round: asyncio.Event = field(default_factory=asyncio.Event)
+    discovery_next: asyncio.Event = field(default_factory=asyncio.Event)
     discovered: set[str] = field(default_factory=set)
 
     async def upstream_for(self, model: str) -> str:
@@ -118,7 +122,7 @@ class Services:
         except ModelNotFound:
             if self.ready:
                 raise
-        round_done = self.discovery_round
+        round_done = self.discovery_next  # an attempt already under way may have started before we arrived
         self.discovery_wanted.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DISCOVERY_WAIT_S):
@@ -173,7 +177,8 @@ class GatewayApp(FastAPI):
     it raises is an ApiError. So `__call__` hands that one route straight to the handler, with the same
     error mapping the app's exception handlers give (and a logged 500 envelope for anything unexpected).
     The route is also registered on the router, so it is listed and other methods on it get 405 as before.
-    Middleware added with `add_middleware` does not see this route.
+    Middleware added with `add_middleware` does not see this route, nor does FastAPI's own OpenTelemetry
+    instrumentation: traces show the other routes only. Under a `root_path` the route takes the router.
     """
 
     hot_handler: Any = None
@@ -184,6 +189,8 @@ class GatewayApp(FastAPI):
             request = Request(scope, receive)
             try:
                 response = await self.hot_handler(request)
+            except ClientDisconnect:
+                return  # the client went away while sending its body: nobody to answer
             except ApiError as exc:
                 response = error_response(exc)
             except Exception:
@@ -274,8 +281,12 @@ async def _discover_models(services: Services) -> None:
     Attempts back off from 0.5 s to 10 s, but a request for an unknown model starts the next one at once
     (Services.upstream_for): with several workers each lists the models itself, and a worker that starts
     while the upstream is briefly away must not answer 404 for up to 10 s after it is back."""
+    loop = asyncio.get_running_loop()
     delay = 0.5
     while True:
+        started = loop.time()
+        services.discovery_wanted.clear()  # requests from now on want the attempt after this one
+        this_round, services.discovery_next = services.discovery_next, asyncio.Event()
         for name in services.discovering:
             try:
                 models = await services.teacher.list_models(name)
@@ -287,15 +298,15 @@ async def _discover_models(services: Services) -> None:
             log.info("upstream %s serves %d models", name, len(models))
         if not services.discovering:
             services.ready = True
-        finished, services.discovery_round = services.discovery_round, asyncio.Event()
-        finished.set()
+        this_round.set()
         if services.ready:
+            services.discovery_next.set()  # nobody waits for an attempt that will never come
             return
-        services.discovery_wanted.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await services.discovery_wanted.wait()
         delay = min(delay * 2, 10.0)
+        await asyncio.sleep(max(0.0, started + DISCOVERY_MIN_INTERVAL_S - loop.time()))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -217,10 +217,11 @@ def test_upstream_mode_is_not_ready_until_the_upstream_lists_its_models(tmp_path
         assert early.status_code == 503
         assert early.json()["error"]["code"] == "not_ready"
         port = upstream_url.rsplit(":", 1)[1]
-        # Let the discovery back-off grow to 8 s (5 failed attempts, 7.5 s): the first request after the upstream
-        # is back must not wait for the next scheduled attempt (it would give up after DISCOVERY_WAIT_S = 5 s).
+        # Let the discovery back-off grow to 8 s (6 failed attempts, the early request's included): the first
+        # request after the upstream is back must not wait for the next scheduled attempt (it would give up
+        # after DISCOVERY_WAIT_S = 5 s), as long as the fake upstream starts within 3 s.
         deadline = time.monotonic() + 30
-        while gateway.output().count("cannot list models of upstream") < 5 and time.monotonic() < deadline:
+        while gateway.output().count("cannot list models of upstream") < 6 and time.monotonic() < deadline:
             time.sleep(0.1)
         with start_fake_upstream("--port", port, "--models", "late-model", log_dir=tmp_path):
             body = {"model": "late-model", "messages": MESSAGES}
