@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from gateway import jsoncodec
 from gateway.errors import InvalidRequest
 
 # strict: no coercion ("yes" -> True, "0.5" -> 0.5). The raw body is what gets forwarded, so the view we act on
@@ -89,8 +89,8 @@ def _within(param: str, field: str) -> bool:
 def parse_chat_request(body: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
     """The raw JSON object (forwarded as-is) and its validated view; InvalidRequest names the bad field."""
     try:
-        raw = orjson.loads(body)
-    except ValueError as exc:  # orjson.JSONDecodeError, bad UTF-8 included
+        raw = jsoncodec.loads(body)
+    except ValueError as exc:  # bad UTF-8 included
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}. The body must be a JSON object."
         ) from exc

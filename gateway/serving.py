@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from starlette.responses import Response, StreamingResponse
 
+from gateway import jsoncodec
 from gateway.errors import ModelNotFound, UpstreamError, sse_error_event
 from gateway.metrics import Metrics
 from gateway.pricing import PriceBook
@@ -167,7 +167,7 @@ class Passthrough:
             async for line in stream.lines():
                 if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
                     with contextlib.suppress(ValueError):
-                        prompt, completion = usage_of(orjson.loads(line[6:]))
+                        prompt, completion = usage_of(jsoncodec.loads(line[6:]))
                 yield line.encode() + b"\n"
         except UpstreamError as exc:
             status = exc.status

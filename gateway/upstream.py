@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 import httpx
-import orjson
 from yarl import URL
 
+from gateway import __version__, jsoncodec
 from gateway.errors import (
     ApiError,
     UpstreamError,
@@ -61,7 +61,12 @@ class Upstream:
         self.url = httpx.URL(f"{base}/chat/completions")
         self.relay_url = URL(str(self.url))
         # Identity: the relay forwards the answer's bytes, and compressing a few kB of JSON saves nothing.
-        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        # A user agent, as some CDNs and WAFs refuse requests without one (aiohttp sends none by itself).
+        self.headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "user-agent": f"apprentice/{__version__}",
+        }
         if self.key:
             self.headers["authorization"] = f"Bearer {self.key}"
 
@@ -76,7 +81,7 @@ class Completion:
     upstream_s: float
 
     def json(self) -> dict[str, Any]:
-        data = orjson.loads(self.content)
+        data = jsoncodec.loads(self.content)
         return data if isinstance(data, dict) else {}
 
 
@@ -347,7 +352,7 @@ class TeacherClient:
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
-    return orjson.dumps(body)  # compact UTF-8 JSON
+    return jsoncodec.dumps(body)
 
 
 def _retry_headers(headers: Mapping[str, str]) -> dict[str, str]:

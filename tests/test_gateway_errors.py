@@ -15,6 +15,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEYS, MAX_BODY_BYTES, SLOW_FIRST_BYTE_S, Stack, fault
 
+from gateway import jsoncodec
 from gateway.errors import InvalidRequest
 from gateway.protocol import parse_chat_request
 
@@ -90,6 +91,17 @@ def test_parser_keeps_unknown_fields_and_the_raw_body_as_sent() -> None:
     raw, parsed = parse_chat_request(json.dumps(sent).encode())
     assert raw == sent
     assert parsed.model == "gpt-4o-mini" and parsed.tools == sent["tools"]
+
+
+def test_parser_accepts_what_the_standard_json_module_does() -> None:
+    # A lone surrogate escape (a string cut mid-emoji by a JavaScript client) and a UTF-8 BOM are refused by
+    # orjson, the fast parser, and were accepted before it: they still are.
+    cut = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+    raw, parsed = parse_chat_request(cut)
+    assert raw["messages"][0]["content"] == "hi \ud83d"
+    assert jsoncodec.loads(jsoncodec.dumps(raw)) == raw  # and it can be sent on to a teacher
+    _, parsed = parse_chat_request(b"\xef\xbb\xbf" + _body({}))
+    assert parsed.model == BASE["model"]
 
 
 # -- through the running gateway ------------------------------------------------------------------------------
