@@ -149,8 +149,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         finally:
             response.release()
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):
-            content = _decoded(content, encoding)
+        if content and encoding not in ("identity", ""):
+            try:
+                content = _decoded(content, encoding)
+            except httpx.RemoteProtocolError:
+                if response.status < 400:
+                    raise
+                # An error answer keeps its status (and retry-after) even if its body is unreadable.
         return Reply(response.status, response.headers, content)
 
     async def aclose(self) -> None:
