@@ -55,7 +55,8 @@ def plot(result: FlywheelResult, path: Path) -> None:
     if result.agreement_offloaded is not None:
         ax.scatter([days[-1] + 0.5], [result.agreement_offloaded], marker="*", s=150, color="C2",
                    label="test agreement (offloaded)")  # fmt: skip
-    ax.set_xlabel("day (distill after each)")
+    ax.set_xticks([*days, days[-1] + 0.5], [*(str(d) for d in days), "test"])
+    ax.set_xlabel("day (distill after each), then the test split")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"apprentice flywheel on {result.dataset} ({result.student} student)")
     ax.legend(loc="lower right", fontsize=8)
