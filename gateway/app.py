@@ -278,9 +278,10 @@ def _make_sink(settings: Settings, metrics: Metrics) -> InferenceSink:
 async def _discover_models(services: Services) -> None:
     """Adds the models that `discover_models` upstreams list; retries until each has answered once.
 
-    Attempts back off from 0.5 s to 10 s, but a request for an unknown model starts the next one at once
-    (Services.upstream_for): with several workers each lists the models itself, and a worker that starts
-    while the upstream is briefly away must not answer 404 for up to 10 s after it is back."""
+    Attempts back off from 0.5 s to 10 s, but a request for an unknown model starts the next one without
+    waiting out the back-off (no sooner than DISCOVERY_MIN_INTERVAL_S after the last; Services.upstream_for):
+    with several workers each lists the models itself, and a worker that starts while the upstream is briefly
+    away must not answer 404 for up to 10 s after it is back."""
     loop = asyncio.get_running_loop()
     delay = 0.5
     while True:
