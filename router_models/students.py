@@ -51,7 +51,37 @@ def centroid_start(centroids: Float32Array, scale: float = 10.0) -> Float32Array
     return out.astype(np.float32)
 
 
-class TfidfStudent:
+class _SoftmaxHead:
+    """What both students share: the soft-label softmax head with its hidden decline class, the label
+    centroids behind the OOD score, and `predict` over the student's `features`."""
+
+    c: float
+    max_iter: int
+    top_k: int
+    min_prob: float
+    coef_: Float32Array
+    intercept_: Float32Array
+    centroids_: Float32Array
+
+    def features(self, texts: Sequence[str]) -> Any:
+        raise NotImplementedError
+
+    def _fit_head(
+        self, x: Any, targets: Float64Array, n_declines: int, on_iter: Callable[[int, float], None] | None
+    ) -> None:
+        """Fit on feature rows `x`: the labelled inputs first (their soft `targets`), then `n_declines` declines."""
+        self.centroids_ = fit_centroids(x[: targets.shape[0]], targets)
+        self.coef_, self.intercept_, self.n_iter_ = fit_soft_softmax(
+            x, with_decline_class(targets, n_declines), c=self.c, max_iter=self.max_iter,
+            top_k=self.top_k, min_prob=self.min_prob, on_iter=on_iter, init_coef=centroid_start(self.centroids_),
+        )  # fmt: skip
+
+    def predict(self, texts: Sequence[str]) -> tuple[Float64Array, Float64Array]:
+        """(probabilities [N, L] before temperature, OOD scores [N])."""
+        return head_outputs(self.features(texts), self.coef_, self.intercept_, self.centroids_)
+
+
+class TfidfStudent(_SoftmaxHead):
     """TF-IDF word 1-2 grams + soft-label multinomial logistic regression + centroid OOD; exports via skl2onnx.
 
     No sublinear_tf and no max_df: skl2onnx converts them silently wrong. The vocabulary is capped at
@@ -135,23 +165,15 @@ class TfidfStudent:
         vocabulary, idf, x = self._tfidf(clean)
         self.vectorizer_ = self._vectorizer(vocabulary).fit(clean[:1])
         self.vectorizer_.idf_ = idf
-        self.centroids_ = fit_centroids(x[: len(texts)], targets)
-        self.coef_, self.intercept_, self.n_iter_ = fit_soft_softmax(
-            x, with_decline_class(targets, len(decline_texts)), c=self.c, max_iter=self.max_iter,
-            top_k=self.top_k, min_prob=self.min_prob, on_iter=on_iter, init_coef=centroid_start(self.centroids_),
-        )  # fmt: skip
+        self._fit_head(x, targets, len(decline_texts), on_iter)
         return self
 
     def features(self, texts: Sequence[str]) -> sp.csr_matrix:
         """L2-normalised TF-IDF rows [N, F] (float32, sparse)."""
         return self.vectorizer_.transform([onnx_lowercase_compat(t) for t in texts]).tocsr()
 
-    def predict(self, texts: Sequence[str]) -> tuple[Float64Array, Float64Array]:
-        """(probabilities [N, L] before temperature, OOD scores [N])."""
-        return head_outputs(self.features(texts), self.coef_, self.intercept_, self.centroids_)
 
-
-class MiniLMStudent:
+class MiniLMStudent(_SoftmaxHead):
     """all-MiniLM-L6-v2 sentence embeddings (router_models.minilm) + soft-label softmax head + centroid OOD.
 
     The embeddings are L2-normalised, so the OOD score is 1 - max cosine to the label centroids (in [0, 2]).
@@ -198,13 +220,5 @@ class MiniLMStudent:
     ) -> MiniLMStudent:
         """As TfidfStudent.fit: soft targets [N, L] for `texts`, `decline_texts` for the decline class."""
         x = self.features([*texts, *decline_texts])
-        self.centroids_ = fit_centroids(x[: len(texts)], targets)
-        self.coef_, self.intercept_, self.n_iter_ = fit_soft_softmax(
-            x, with_decline_class(targets, len(decline_texts)), c=self.c, max_iter=self.max_iter,
-            top_k=self.top_k, min_prob=self.min_prob, on_iter=on_iter, init_coef=centroid_start(self.centroids_),
-        )  # fmt: skip
+        self._fit_head(x, targets, len(decline_texts), on_iter)
         return self
-
-    def predict(self, texts: Sequence[str]) -> tuple[Float64Array, Float64Array]:
-        """(probabilities [N, L] before temperature, OOD scores [N])."""
-        return head_outputs(self.features(texts), self.coef_, self.intercept_, self.centroids_)
