@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import openai
+import pytest
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 from procs import Proc, metric_total, scrape_metrics, start_fake_upstream, start_gateway, stop_all
@@ -214,6 +216,18 @@ class TaskStack:
     def serving(self, task: str) -> str | None:
         version: str | None = self.admin_tasks()[task]["specialist_version"]
         return version
+
+
+def openai_client_fixture(api_key: str) -> Any:
+    """A module-scoped fixture: an OpenAI client of the module's `stack` gateway with `api_key` and no
+    client-side retries. It overrides conftest's session `client` / `admin_client` of the same name."""
+
+    @pytest.fixture(scope="module")
+    def fixture(stack: TaskStack) -> Iterator[openai.OpenAI]:
+        with openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=20) as c:
+            yield c
+
+    return fixture
 
 
 @contextlib.contextmanager

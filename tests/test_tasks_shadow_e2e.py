@@ -25,6 +25,7 @@ from task_stack import (
     TEACHER,
     TaskStack,
     admin,
+    openai_client_fixture,
     task_stack,
     user,
     wait_for,
@@ -43,21 +44,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskStack]:
         yield started
 
 
-@pytest.fixture(scope="module")
-def client(stack: TaskStack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def admin_client(stack: TaskStack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=20) as c:
-        yield c
-
-
-@pytest.fixture
-def marker() -> str:
-    return f"tasks-{uuid.uuid4().hex}"
+client = openai_client_fixture(CLIENT_KEY)
+admin_client = openai_client_fixture(ADMIN_KEY)
 
 
 # -- shadow traffic, admin API, metrics ---------------------------------------------------------------------------
