@@ -373,13 +373,9 @@ class FakeUpstreamProcess:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        from router_models.processes import terminate  # here, so that the server process stays lean
+
+        terminate(self.process, timeout_s=5)
         if self.process.stdout is not None:
             self.process.stdout.close()
 

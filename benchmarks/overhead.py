@@ -39,6 +39,7 @@ from benchmarks._machine import (
 from benchmarks._overhead_report import compute_ratios, evaluate_targets, render_markdown
 from benchmarks.fake_upstream import FakeUpstreamProcess, launch
 from benchmarks.loadgen import LoadResult, find_wrk, run_asyncio_loadgen, run_wrk
+from gateway import OFFLINE_ENV
 
 MODEL = "bench-model"
 UPSTREAM_KEY = "sk-bench-upstream"
@@ -46,7 +47,6 @@ CLIENT_KEY = "sk-bench-client"
 LITELLM_SPEC = "litellm[proxy]==1.108.7"
 LITELLM_VENV = REPO_ROOT / "benchmarks" / ".litellm-venv"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "overhead.json"
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
 MAX_POINT_S = 60.0
 PROMPT = "Hello! Could you tell me what the weather is usually like in Lisbon in early spring?"
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from gateway import OFFLINE_ENV
 from gateway.settings import LOOPBACK_HOSTS, ConfigError, Settings, load_settings
 
 ARGS_ENV = "APPRENTICE_SERVE_ARGS"
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass(frozen=True)

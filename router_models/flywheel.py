@@ -243,7 +243,7 @@ def _latest_report(task_dir: Path) -> dict[str, Any]:
 def _env() -> dict[str, str]:
     import os
 
-    from router_models.processes import OFFLINE_ENV
+    from gateway import OFFLINE_ENV
 
     return {**os.environ, **OFFLINE_ENV}
 

@@ -15,11 +15,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+from gateway import OFFLINE_ENV
+
 _URL = re.compile(r"(?:READY|listening on) (http://[^\s]+)")
+
+
+def terminate(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> int:
+    """SIGTERM this one process, SIGKILL it if it has not exited after `timeout_s`; returns its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 class ProcessFailed(RuntimeError):
@@ -35,13 +49,7 @@ class Child:
     lines: list[str] = field(default_factory=list)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout_s)
+        terminate(self.process, timeout_s)
 
 
 def apprentice_command(*args: str) -> list[str]:

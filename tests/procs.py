@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,10 +31,12 @@ from types import TracebackType
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import OFFLINE_ENV
+from router_models.processes import terminate
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The console scripts of the virtual environment running the tests (never a global `apprentice`).
 VENV_BIN = Path(sys.executable).parent
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
 READY_LINE = re.compile(r"READY (http://\S+)")
 # `apprentice serve` prints the address it bound (the real port when asked for port 0) before workers start.
 GATEWAY_LINE = re.compile(r"apprentice listening on (http://\S+)")
@@ -79,14 +80,7 @@ class Proc:
 
     def stop(self, timeout_s: float = 10.0) -> int:
         """SIGTERM this PID, SIGKILL it if it has not exited after `timeout_s`; returns the exit code."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        return self.popen.returncode
+        return terminate(self.popen, timeout_s)
 
     def __enter__(self) -> Proc:
         return self

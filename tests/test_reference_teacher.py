@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 
+from gateway import OFFLINE_ENV
 from gateway.softlabels import LabelSet, label_distribution, non_label_mass
 from router_models.datasets import load_dataset
 from router_models.reference_teacher import (
@@ -59,7 +60,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_url(small_dataset, cache_dir, tmp_path_factory):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true"}
+    env = {**os.environ, **OFFLINE_ENV}
     cmd = [sys.executable, "-m", "router_models.reference_teacher_server", "--data", str(small_dataset),
            "--port", "0", "--cache-dir", str(cache_dir), "--latency-ms", "5"]  # fmt: skip
     # stderr to a file: a pipe nobody drains could fill up and stall the server.
