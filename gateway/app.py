@@ -105,7 +105,6 @@ class Services:
     passthrough: Passthrough
     tasks: TaskService
     sink: InferenceSink
-    ready: bool = False
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     # Model discovery (`discover_models` upstreams): a request for an unknown model while some upstream has
     # not listed its models yet sets `discovery_wanted` (the next attempt starts without waiting out its
@@ -136,6 +135,11 @@ class Services:
             f"The model list of upstream(s) {', '.join(self.discovering)} is not known yet (the upstream did not "
             "answer GET /models); this gateway cannot route the model yet. Retry shortly; /readyz says when."
         ) from None
+
+    @property
+    def ready(self) -> bool:
+        """Every `discover_models` upstream has listed its models (the only readiness the core has)."""
+        return not self.discovering
 
     @property
     def discovering(self) -> list[str]:
@@ -297,8 +301,6 @@ async def _discover_models(services: Services) -> None:
             services.models.add(name, models)
             services.discovered.add(name)
             log.info("upstream %s serves %d models", name, len(models))
-        if not services.discovering:
-            services.ready = True
         this_round.set()
         if services.ready:
             services.discovery_next.set()  # nobody waits for an attempt that will never come
