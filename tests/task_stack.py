@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,13 +135,29 @@ def confident_inputs(specialist: Specialist, count: int) -> list[tuple[str, str]
     raise AssertionError(f"the specialist serves fewer than {count} test utterances confidently")
 
 
-def write_config(tmp: Path, upstream_url: str, registry: Path, tasks: dict[str, float], *, poll_s: float) -> Path:
-    """An apprentice.yaml: `tasks` maps task name -> shadow_rate, all over INTENTS with gpt-4o as teacher."""
+def _target(targets: Mapping[str, float] | None, task: str) -> dict[str, float]:
+    return {"target_agreement": targets[task]} if targets and task in targets else {}
+
+
+def write_config(
+    tmp: Path,
+    upstream_url: str,
+    registry: Path,
+    tasks: dict[str, float],
+    *,
+    poll_s: float,
+    targets: Mapping[str, float] | None = None,
+) -> Path:
+    """An apprentice.yaml: `tasks` maps task name -> shadow_rate, all over INTENTS with gpt-4o as teacher;
+    `targets` gives some tasks a target_agreement other than the default."""
     config = {
         "server": {"host": "127.0.0.1"},
         "auth": {"api_keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
         "upstreams": {"teacher": {"api_base": upstream_url + "/v1", "models": [TEACHER], "retry": {"max_retries": 0}}},
-        "tasks": {name: {"teacher": TEACHER, "labels": INTENTS, "shadow_rate": rate} for name, rate in tasks.items()},
+        "tasks": {
+            name: {"teacher": TEACHER, "labels": INTENTS, "shadow_rate": rate, **_target(targets, name)}
+            for name, rate in tasks.items()
+        },
         "registry": {"path": str(registry), "poll_interval_s": poll_s},
         "log": {"url": f"sqlite:///{tmp / 'inference.db'}", "spool_dir": str(tmp / "spool"), "flush_interval_s": 0.05},
     }
@@ -231,7 +247,14 @@ def openai_client_fixture(api_key: str) -> Any:
 
 
 @contextlib.contextmanager
-def task_stack(tmp: Path, tasks: dict[str, float], *, specialists: Sequence[str], poll_s: float) -> Iterator[TaskStack]:
+def task_stack(
+    tmp: Path,
+    tasks: dict[str, float],
+    *,
+    specialists: Sequence[str],
+    poll_s: float,
+    targets: Mapping[str, float] | None = None,
+) -> Iterator[TaskStack]:
     """A registry with a promoted CLINC version for each of `specialists`, the fake teacher and the gateway."""
     registry = tmp / "registry"
     versions = {task: put_version(registry, task) for task in specialists}
@@ -242,7 +265,8 @@ def task_stack(tmp: Path, tasks: dict[str, float], *, specialists: Sequence[str]
     try:
         upstream = start_fake_upstream(log_dir=tmp)
         started.append(upstream)
-        gateway = start_gateway(config=write_config(tmp, upstream.url, registry, tasks, poll_s=poll_s), log_dir=tmp)
+        config = write_config(tmp, upstream.url, registry, tasks, poll_s=poll_s, targets=targets)
+        gateway = start_gateway(config=config, log_dir=tmp)
         started.append(gateway)
         store = LogStore(f"sqlite:///{tmp / 'inference.db'}")
         yield TaskStack(upstream, gateway, registry, store, confident, versions)

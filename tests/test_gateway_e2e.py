@@ -151,6 +151,7 @@ def test_an_answer_compressed_against_our_asking_is_decoded(client: openai.OpenA
         if r["body"].get("user") == marker
     ]
     assert received["headers"].get("accept-encoding") == "identity"
+    assert received["headers"].get("user-agent", "").startswith("apprentice/")  # some CDNs refuse none
 
 
 def test_response_format_json_object_streamed_is_passed_through(

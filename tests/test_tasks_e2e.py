@@ -33,12 +33,16 @@ from task_stack import (
 from gateway.settings import TaskConfig
 
 pytestmark = pytest.mark.e2e
+EMPTY_TASK_TARGET = 0.95  # not the default, so the gauge is seen to follow the config
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskStack]:
     tasks = {"intent": 0.0, "intent_empty": 0.0}
-    with task_stack(tmp_path_factory.mktemp("tasks"), tasks, specialists=["intent"], poll_s=0.5) as started:
+    targets = {"intent_empty": EMPTY_TASK_TARGET}
+    with task_stack(
+        tmp_path_factory.mktemp("tasks"), tasks, specialists=["intent"], poll_s=0.5, targets=targets
+    ) as started:
         yield started
 
 
@@ -332,7 +336,7 @@ def test_an_unknown_forced_route_is_a_400(admin_client: openai.OpenAI, stack: Ta
 
 def test_each_task_exports_its_target_agreement_for_the_alert_rules(stack: TaskStack) -> None:
     # deploy/prometheus/rules.yml compares live agreement with this gauge rather than a number in the rules.
-    target = TaskConfig.model_fields["target_agreement"].default  # write_config leaves the default
     samples = stack.metrics()
-    assert metric_total(samples, "apprentice_target_agreement", task="intent") == target
-    assert metric_total(samples, "apprentice_target_agreement", task="intent_empty") == target
+    default = TaskConfig.model_fields["target_agreement"].default
+    assert metric_total(samples, "apprentice_target_agreement", task="intent") == default
+    assert metric_total(samples, "apprentice_target_agreement", task="intent_empty") == EMPTY_TASK_TARGET
