@@ -92,8 +92,13 @@ def _serve(cfg: FlywheelConfig, data_path: Path) -> None:
             f'-d \'{{"model": "{TASK}", "messages": [{{"role": "user", "content": '
             '"what is my credit limit"}]}\' -i'
         )
-        print("Ctrl-C to stop.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("Ctrl-C to stop.", flush=True)
+        # sigwait is only sure to receive signals that are blocked: unblocked, SIGTERM's default action ended
+        # the demo at once and left its gateway and teacher running. Blocked here, after the children started,
+        # so that they keep the default dispositions.
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)
     finally:
         gateway.stop()
         teacher.stop()

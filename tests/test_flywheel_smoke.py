@@ -4,15 +4,21 @@ dataset cut from CLINC150 (real processes: reference teacher, gateway, `apprenti
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from procs import REPO_ROOT, child_env
+from procs import REPO_ROOT, child_env, start
 
 CLINC150 = REPO_ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
 LABELS = 8
+SERVING = re.compile(r"serving the trained specialist: base_url=(http://\S+)")
+MESSAGES = [{"role": "user", "content": "what is my credit limit"}]
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +93,22 @@ def test_demo_no_serve_runs_and_reports_the_saving(small_jsonl: Path, tmp_path: 
     assert "saved" in proc.stdout
     assert (tmp_path / "demo" / "flywheel.png").is_file()
     assert (tmp_path / "demo" / "registry" / "intent" / "current").is_file()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_demo_serves_until_a_signal_then_stops_its_servers(
+    small_jsonl: Path, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    cmd = [sys.executable, "-m", "router_models.cli", "demo", "--data", str(small_jsonl), "--days", "1",
+           "--workdir", str(tmp_path / "demo")]  # fmt: skip
+    env = child_env({"PYTHONPATH": str(REPO_ROOT)})
+    with start(cmd, ready=SERVING, env=env, cwd=tmp_path, timeout_s=600, log_dir=tmp_path, name="demo") as demo:
+        answer = httpx.post(demo.url + "/chat/completions", json={"model": "intent", "messages": MESSAGES}, timeout=20)
+        assert answer.status_code == 200
+        # Only the demo's own PID is signalled (a terminal's Ctrl-C would reach its children too).
+        os.kill(demo.pid, stop_signal)
+        assert demo.popen.wait(timeout=30) == 0, demo.output()[-3000:]
+    with pytest.raises(httpx.ConnectError):  # the gateway it started is gone with it
+        httpx.get(demo.url.removesuffix("/v1") + "/healthz", timeout=5)
