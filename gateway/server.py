@@ -140,6 +140,8 @@ def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info")
 
     import uvicorn
 
+    from gateway.http_protocol import GatewayHttpProtocol
+
     sock = bind_socket(settings.server.host, settings.server.port)
     host, port = sock.getsockname()[:2]
     # Port 0 asks the kernel for a free port; this line is how a caller learns which one it got.
@@ -149,7 +151,7 @@ def serve(args: ServeArgs, *, access_log: bool = False, log_level: str = "info")
         factory=True,
         workers=settings.server.workers,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         access_log=access_log,
         log_level=log_level,
         timeout_graceful_shutdown=10,

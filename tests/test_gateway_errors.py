@@ -6,6 +6,7 @@ raises the matching exception class: 400 (param names the field, never 422), 401
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -136,6 +137,24 @@ def test_malformed_json_is_400(http: httpx.Client, body: bytes) -> None:
     resp = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400
     assert _envelope(resp)["type"] == "invalid_request_error"
+
+
+@pytest.mark.e2e
+def test_a_request_that_is_not_valid_http_gets_the_envelope_too(stack: Stack) -> None:
+    # uvicorn answers these itself, before any app code runs (schemathesis found this header set).
+    url = httpx.URL(stack.gateway.url)
+    raw = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nBQ;: y\r\ntransfer-encoding: ]K-CY3hN_249\r\n\r\n"
+    with socket.create_connection((url.host, url.port), timeout=10) as conn:
+        conn.sendall(raw)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "not valid HTTP" in error["message"]
 
 
 @pytest.mark.e2e
