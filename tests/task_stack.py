@@ -50,8 +50,9 @@ TAU = 0.95
 ROUTER = RouterSpec(features=["max_prob"], weights=[8.0], bias=-4.0, ood_threshold=0.95)
 CLIENT_KEY = "sk-task-client"
 ADMIN_KEY = "sk-task-admin"
-# No word of these is in the training vocabulary: the TF-IDF vector is empty, so the OOD score is 1.
-OOD_TEXTS = ("qzxv plokij wmbtr", "Der Hund schläft unter dem Tisch")
+# Far from the training text: no word of the first, and no pair of characters of the second (Cyrillic), is in
+# it, so the OOD score is above the threshold (1 for the second, whose TF-IDF vector is empty).
+OOD_TEXTS = ("qzxv plokij wmbtr", "Собака спит под столом")
 # Two intents in one sentence: the specialist's top probability is far from 1, so s(x) < tau.
 MIXED_TEXT = "set an alarm and what is the weather"
 

@@ -49,12 +49,13 @@ def clinc() -> dict[str, list[list[str]]]:
     return data
 
 
-@pytest.fixture(scope="module")
-def student_and_model(clinc):
+@pytest.fixture(scope="module", params=["char", "word"])
+def student_and_model(clinc, request):
     rows = [r for r in clinc["train"] if r[1] in LABELS][:1500]
     texts, targets = [r[0] for r in rows], [r[1] for r in rows]
-    # A small vocabulary cap forces the n-gram closure that keeps skl2onnx's bigram lookup exact.
-    student = TfidfStudent(LABELS, max_features=1500, max_iter=40).fit(texts, soft_targets_from(targets, LABELS))
+    # A small vocabulary cap forces the n-gram closure that keeps the ONNX n-gram lookup exact.
+    student = TfidfStudent(LABELS, analyzer=request.param, max_features=1500, max_iter=40)
+    student.fit(texts, soft_targets_from(targets, LABELS))
     return student, tfidf_to_onnx(student)
 
 
@@ -101,9 +102,11 @@ def test_outputs_are_named_and_typed_as_the_contract_says(student_and_model):
     assert probs.shape == (1, len(LABELS)) and ood.shape == (1,)
 
 
-def test_ood_is_maximal_for_unknown_words_and_low_for_training_like_text(student_and_model):
+def test_ood_is_maximal_for_unknown_terms_and_low_for_training_like_text(student_and_model):
     student, _ = student_and_model
-    _, ood = student.predict(["zzqx vbnm qwpo", "", "what is my bank balance"])
+    # No word of the first input, nor any pair of its letters (Cyrillic), occurs in the English training text.
+    unknown = "zzqx vbnm qwpo" if student.analyzer == "word" else "жщъ ыэю"
+    _, ood = student.predict([unknown, "", "what is my bank balance"])
     assert ood[0] == pytest.approx(1.0) and ood[1] == pytest.approx(1.0)
     assert ood[2] < 0.6
 
@@ -142,3 +145,17 @@ def test_dotted_capital_i_lowercases_as_onnx_does():
     assert check_parity(runner, student, ["İstanbul", "İSTANBUL weather"]) < 1e-4
     probs, _ = runner.predict(["İstanbul"])
     assert probs[0, 1] > 0.5
+
+
+def test_a_batch_scores_each_input_as_it_scores_alone():
+    """Short rows of a batch are padded inside the graph; the pad must not read as "#" characters."""
+    texts = ["pay bill #12 now", "ticket ## is open", "hello there", "hi friend #1", "bye now"] * 4
+    targets = ["bill", "bill", "greet", "greet", "bye"] * 4
+    onnx_bytes, student = build_tfidf_artifact(texts, targets, ["bill", "bye", "greet"], max_iter=20)
+    assert "##" in student.vectorizer_.vocabulary_
+    batch = ["a", " ", "hi", "a much longer input about bill #12 so the others are padded"]
+    runner = OnnxSpecialist(onnx_bytes, TextInput())
+    together, ood_together = runner.predict(batch)
+    alone = [runner.predict([t]) for t in batch]
+    np.testing.assert_allclose(together, np.vstack([p for p, _ in alone]), atol=1e-6)
+    np.testing.assert_allclose(ood_together, np.concatenate([o for _, o in alone]), atol=1e-6)
