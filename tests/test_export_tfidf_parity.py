@@ -53,7 +53,7 @@ def clinc() -> dict[str, list[list[str]]]:
 def student_and_model(clinc, request):
     rows = [r for r in clinc["train"] if r[1] in LABELS][:1500]
     texts, targets = [r[0] for r in rows], [r[1] for r in rows]
-    # A small vocabulary cap forces the n-gram closure that keeps the ONNX n-gram lookup exact.
+    # With words, a small vocabulary cap forces the bigram closure that keeps the ONNX lookup exact.
     student = TfidfStudent(LABELS, analyzer=request.param, max_features=1500, max_iter=40)
     student.fit(texts, soft_targets_from(targets, LABELS))
     return student, tfidf_to_onnx(student)
