@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -86,6 +88,9 @@ class FlywheelResult:
     all_teacher_cost_usd: float
     days: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] = field(default_factory=dict)
+    # A diagnostic, not a result: the best the serving version could do with a tau chosen on the test split
+    # itself (`best_tau_on_test`). Beside the real figures it tells the student's limit from calibration's.
+    best_tau_on_test: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +253,64 @@ def _env() -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV}
 
 
+def best_tau_on_test(
+    scores: npt.NDArray[np.float64],
+    eligible: npt.NDArray[np.bool_],
+    agree: npt.NDArray[np.bool_],
+    in_scope: npt.NDArray[np.bool_],
+    target: float,
+) -> dict[str, Any] | None:
+    """The most in-scope offload any tau reaches with agreement >= `target` on what it serves.
+
+    A tau serves the eligible inputs (OOD score under the threshold) whose router score is at least tau: a
+    prefix of them in descending score, ending where the score drops. Returns that prefix's tau, in-scope
+    offload, agreement and out-of-scope escalation recall, or None when no tau reaches the target."""
+    order = np.flatnonzero(eligible)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    if order.size == 0:
+        return None
+    ranked = scores[order]
+    served = np.arange(1, order.size + 1)
+    agreeing = np.cumsum(agree[order])
+    served_in_scope = np.cumsum(in_scope[order])
+    cut = np.append(ranked[1:] < ranked[:-1], True)  # a tau can only stop where the score drops
+    ok = cut & (agreeing >= target * served)
+    if not ok.any():
+        return None
+    best = int(np.flatnonzero(ok)[np.argmax(served_in_scope[ok])])
+    n_oos = int((~in_scope).sum())
+    served_oos = int(served[best] - served_in_scope[best])
+    return {
+        "tau": float(ranked[best]),
+        "offload_in_scope": float(served_in_scope[best] / max(int(in_scope.sum()), 1)),
+        "agreement_offloaded": float(agreeing[best] / served[best]),
+        "oos_escalation_recall": 1.0 - served_oos / n_oos if n_oos else None,
+    }
+
+
+def _serving_version_on_test(
+    cfg: FlywheelConfig, texts: list[str], teacher_answers: list[str], in_scope: list[bool]
+) -> dict[str, Any] | None:
+    """`best_tau_on_test` for the version the gateway served the test split with, scored offline through its
+    own ONNX graph, temperature and router, against the teacher's direct answers."""
+    from gateway.manifest import Manifest
+    from gateway.router import apply_temperature, router_scores
+    from router_models.export import OnnxSpecialist
+
+    task_dir = cfg.workdir / "registry" / TASK
+    vdir = task_dir / "versions" / (task_dir / "current").read_text().strip()
+    manifest = Manifest.model_validate_json((vdir / "manifest.json").read_bytes())
+    tokenizer = vdir / manifest.input.tokenizer if manifest.input.kind == "tokens" else None
+    probs, ood = OnnxSpecialist(vdir / "model.onnx", manifest.input, tokenizer).predict(texts)
+    scores = router_scores(apply_temperature(probs, manifest.temperature), ood, manifest.router)
+    predicted = np.array(manifest.labels)[probs.argmax(axis=1)]
+    best = best_tau_on_test(
+        scores, ood <= manifest.router.ood_threshold, predicted == np.array(teacher_answers),
+        np.array(in_scope, dtype=bool), cfg.target_agreement,
+    )  # fmt: skip
+    return None if best is None else {"version": manifest.version, "tau_distill_chose": manifest.tau, **best}
+
+
 def _share(num: int, den: int) -> float:
     return num / den if den else 0.0
 
@@ -335,6 +398,9 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
         cost_by_route = {r: cost_after[r] - cost_before.get(r, 0.0) for r in sorted(cost_after)}
         gateway_cost = sum(cost_by_route.values())
         direct = asyncio.run(_ask_teacher(teacher.url, [e.text for e in test], cfg.concurrency, system))
+        diagnostic = _serving_version_on_test(
+            cfg, [e.text for e in test], [d[0] for d in direct], [e.label != "oos" for e in test]
+        )
     finally:
         for child in reversed(children):
             child.stop()
@@ -370,6 +436,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
             "system_prompt_chars": len(system or ""),
             "mean_prompt_tokens": _share(sum(p for _, p, _ in direct), len(direct)),
         },
+        best_tau_on_test=diagnostic,
     )
     return result
 

@@ -30,6 +30,14 @@ def main_table(result: FlywheelResult) -> str:
         f"| out-of-scope escalation recall | {result.oos_escalation_recall:.4f} |",
         f"| cost ratio (gateway / all-teacher) | {_fmt(result.cost_ratio)} |",
     ]
+    best = result.best_tau_on_test
+    if best is not None:
+        lines += [
+            "",
+            f"Diagnostic, not a result: with a tau chosen on the test split itself ({best['tau']:.3f}; distill chose "
+            f"{best['tau_distill_chose']:.3f}), the same version would serve {best['offload_in_scope']:.4f} of "
+            f"in-scope inputs at agreement {best['agreement_offloaded']:.4f}.",
+        ]
     return "\n".join(lines)
 
 

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from procs import REPO_ROOT, child_env, start
+
+from router_models.flywheel import best_tau_on_test
 
 CLINC150 = REPO_ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
 LABELS = 8
@@ -75,6 +78,10 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
     # teacher counts those tokens, so a request costs about the same whatever its label.
     assert result["test"]["system_prompt_chars"] > 0
     assert result["test"]["mean_prompt_tokens"] > result["test"]["system_prompt_chars"] / 4
+    best = result["best_tau_on_test"]
+    if best is not None:  # the served version, scored offline: the diagnostic names it and its own tau
+        assert best["version"] == result["days"][-1]["version"] and 0.0 <= best["offload_in_scope"] <= 1.0
+        assert best["agreement_offloaded"] >= result["target_agreement"]
     assert out.with_suffix(".md").read_text().count("|") > 20
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -112,3 +119,21 @@ def test_demo_serves_until_a_signal_then_stops_its_servers(
         assert demo.popen.wait(timeout=30) == 0, demo.output()[-3000:]
     with pytest.raises(httpx.ConnectError):  # the gateway it started is gone with it
         httpx.get(demo.url.removesuffix("/v1") + "/healthz", timeout=5)
+
+
+def test_best_tau_on_test_takes_the_longest_prefix_that_keeps_the_target() -> None:
+    # Scores descending: agree, agree, (oos) disagree, agree, agree, disagree; the last is not eligible.
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.95])
+    eligible = np.array([True, True, True, True, True, True, False])
+    agree = np.array([True, True, False, True, True, False, True])
+    in_scope = np.array([True, True, False, True, True, True, True])
+    best = best_tau_on_test(scores, eligible, agree, in_scope, target=0.75)
+    # Serving down to 0.5 agrees on 4 of 5; down to 0.4, on 4 of 6 (below target).
+    assert best == {"tau": 0.5, "offload_in_scope": 4 / 6, "agreement_offloaded": 0.8, "oos_escalation_recall": 0.0}
+    strict = best_tau_on_test(scores, eligible, agree, in_scope, target=0.9)
+    assert strict is not None and strict["tau"] == 0.8 and strict["oos_escalation_recall"] == 1.0
+    # A tau cannot split tied scores: the tie at 0.8 holds a disagreement, so only 0.9 reaches 1.0.
+    tied = best_tau_on_test(np.array([0.9, 0.8, 0.8]), np.ones(3, bool), np.array([True, True, False]),
+                            np.ones(3, bool), target=1.0)  # fmt: skip
+    assert tied is not None and tied["tau"] == 0.9
+    assert best_tau_on_test(scores, eligible, np.zeros(7, bool), in_scope, target=0.5) is None
