@@ -128,6 +128,13 @@ class OnnxSpecialist:
         return probs, ood
 
 
+def load_version(version_dir: Path) -> tuple[Manifest, OnnxSpecialist]:
+    """A registry version's manifest and its model.onnx, ready to score texts as the gateway would."""
+    manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+    tokenizer = version_dir / manifest.input.tokenizer if manifest.input.kind == "tokens" else None
+    return manifest, OnnxSpecialist(version_dir / "model.onnx", manifest.input, tokenizer)
+
+
 def check_parity(
     onnx_specialist: OnnxSpecialist, student: Any, texts: Sequence[str], atol: float = PARITY_ATOL
 ) -> float:

@@ -293,15 +293,13 @@ def _serving_version_on_test(
 ) -> dict[str, Any] | None:
     """`best_tau_on_test` for the version the gateway served the test split with, scored offline through its
     own ONNX graph, temperature and router, against the teacher's direct answers."""
-    from gateway.manifest import Manifest
     from gateway.router import apply_temperature, router_scores
-    from router_models.export import OnnxSpecialist
+    from router_models.export import load_version
+    from router_models.registry import current_version, task_dir
 
-    task_dir = cfg.workdir / "registry" / TASK
-    vdir = task_dir / "versions" / (task_dir / "current").read_text().strip()
-    manifest = Manifest.model_validate_json((vdir / "manifest.json").read_bytes())
-    tokenizer = vdir / manifest.input.tokenizer if manifest.input.kind == "tokens" else None
-    probs, ood = OnnxSpecialist(vdir / "model.onnx", manifest.input, tokenizer).predict(texts)
+    registry = cfg.workdir / "registry"
+    manifest, runner = load_version(task_dir(registry, TASK) / "versions" / str(current_version(registry, TASK)))
+    probs, ood = runner.predict(texts)
     scores = router_scores(apply_temperature(probs, manifest.temperature), ood, manifest.router)
     predicted = np.array(manifest.labels)[probs.argmax(axis=1)]
     best = best_tau_on_test(
