@@ -31,7 +31,7 @@ from gateway.router import apply_temperature, router_scores
 from router_models import calibration
 from router_models.distill_data import Example, Split, read_log, soft_targets, time_split, to_examples, window_start
 from router_models.distill_progress import Steps
-from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_parity, make_manifest
+from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_parity, load_version, make_manifest
 from router_models.registry import (
     RegistryError,
     current_version,
@@ -103,9 +103,7 @@ def _current_holdout(
         return None, None, None
     vdir = task_dir(registry_dir, task) / "versions" / version
     try:
-        manifest = Manifest.model_validate_json((vdir / "manifest.json").read_bytes())
-        tokenizer = vdir / manifest.input.tokenizer if manifest.input.kind == "tokens" else None
-        runner = OnnxSpecialist(vdir / "model.onnx", manifest.input, tokenizer)
+        manifest, runner = load_version(vdir)
         probs, ood = runner.predict([e.text for e in holdout])
     except Exception as exc:  # noqa: BLE001 - an unreadable current version must not block a good candidate
         return version, None, f"current version {version} could not be scored ({type(exc).__name__}: {exc})"
@@ -115,6 +113,11 @@ def _current_holdout(
         weights=_weights(holdout),
     )  # fmt: skip
     return version, metrics, None
+
+
+def _agreement(probs: np.ndarray, teacher: list[str | None], labels: list[str]) -> np.ndarray:
+    """Whether the student's top label is the teacher's answer, row by row (a decline never agrees)."""
+    return np.array([t is not None and labels[i] == t for i, t in zip(probs.argmax(axis=1), teacher, strict=True)])
 
 
 def _weights(examples: list[Example]) -> np.ndarray:
@@ -188,10 +191,7 @@ def fit_specialist(
         in_label = np.array([t is not None for t in fit_labels], dtype=bool)
         label_idx = np.array([labels.index(t) for t in fit_labels if t is not None], dtype=np.int64)
         temperature = calibration.fit_temperature(fit_probs[in_label], label_idx)
-        fit_agree = np.array(
-            [t is not None and labels[i] == t for i, t in zip(fit_probs.argmax(axis=1), fit_labels, strict=True)],
-            dtype=bool,
-        )
+        fit_agree = _agreement(fit_probs, fit_labels, labels)
         router = calibration.fit_router(
             apply_temperature(fit_probs, temperature), fit_ood, fit_agree, in_label, cfg.ood_quantile,
             weights=_weights(split.router_fit),
@@ -199,10 +199,7 @@ def fit_specialist(
         conf_probs, conf_ood = _predict(model, split.conformal)
         conf_scores = router_scores(apply_temperature(conf_probs, temperature), conf_ood, router)
         conf_labels = _teacher_labels(split.conformal)
-        conf_agree = np.array(
-            [t is not None and labels[i] == t for i, t in zip(conf_probs.argmax(axis=1), conf_labels, strict=True)],
-            dtype=bool,
-        )
+        conf_agree = _agreement(conf_probs, conf_labels, labels)
         tau_result = calibration.conformal_tau(
             conf_scores, conf_ood <= router.ood_threshold, conf_agree, target,
             start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal),

@@ -158,8 +158,6 @@ def time_split(
     older, holdout = items[: len(items) - n_holdout], items[len(items) - n_holdout :]
     cut_train = train_fraction / (train_fraction + calibration_fraction)
     cut_fit = cut_train + (1.0 - cut_train) * router_fit_share
-    # Where a sampled record's hash falls within the calibration range [0, 1) -> router fit | conformal.
-    fit_share_cut = router_fit_share
     train: list[Example] = []
     router_fit: list[Example] = []
     conformal: list[Example] = []
@@ -167,7 +165,8 @@ def time_split(
         u = int.from_bytes(hashlib.sha256(example.text.encode("utf-8")).digest()[:8], "big") / 2**64
         if example.weight > 1.0:
             scaled = replace(example, weight=example.weight * (1.0 - cut_train))
-            (router_fit if u < fit_share_cut else conformal).append(scaled)
+            # The hash alone picks the calibration split: router fit in [0, router_fit_share), else conformal.
+            (router_fit if u < router_fit_share else conformal).append(scaled)
         else:
             (train if u < cut_train else router_fit if u < cut_fit else conformal).append(example)
     return Split(train=train, router_fit=router_fit, conformal=conformal, holdout=holdout)
