@@ -78,10 +78,11 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
     # teacher counts those tokens, so a request costs about the same whatever its label.
     assert result["test"]["system_prompt_chars"] > 0
     assert result["test"]["mean_prompt_tokens"] > result["test"]["system_prompt_chars"] / 4
+    # The served version, scored offline: the diagnostic names it, and on 8 easy intents some tau reaches the
+    # target (at the least, the inputs the specialist is surest of agree).
     best = result["best_tau_on_test"]
-    if best is not None:  # the served version, scored offline: the diagnostic names it and its own tau
-        assert best["version"] == result["days"][-1]["version"] and 0.0 <= best["offload_in_scope"] <= 1.0
-        assert best["agreement_offloaded"] >= result["target_agreement"]
+    assert best is not None and best["version"] == result["days"][-1]["version"]
+    assert 0.0 < best["offload_in_scope"] <= 1.0 and best["agreement_offloaded"] >= result["target_agreement"]
     assert out.with_suffix(".md").read_text().count("|") > 20
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
