@@ -20,6 +20,41 @@ import scipy.sparse as sp
 Float32Array = npt.NDArray[np.float32]
 
 
+class SparseDense:
+    """Feature rows [N, F_s + F_d] held as a sparse block (TF-IDF) beside a dense one (word vectors).
+
+    Products with it are the sum of the two blocks' products, so the dense block goes through BLAS instead of
+    being stored as 128 explicit non-zeros per row of a CSR matrix."""
+
+    def __init__(self, sparse: Any, dense: Float32Array) -> None:
+        if sparse.shape[0] != dense.shape[0]:
+            raise ValueError(f"blocks disagree on rows: {sparse.shape[0]} and {dense.shape[0]}")
+        self.sparse = sp.csr_matrix(sparse, dtype=np.float32)
+        self.dense = np.ascontiguousarray(dense, dtype=np.float32)
+        self.shape = (self.sparse.shape[0], self.sparse.shape[1] + self.dense.shape[1])
+
+    def __getitem__(self, rows: slice) -> SparseDense:
+        return SparseDense(self.sparse[rows], self.dense[rows])
+
+    def __matmul__(self, other: Any) -> Any:
+        """[N, F] @ [F, K] -> [N, K] (dense)."""
+        split = self.sparse.shape[1]
+        return np.asarray(self.sparse @ other[:split]) + self.dense @ other[split:]
+
+    @property
+    def T(self) -> _TransposedBlocks:
+        return _TransposedBlocks(self)
+
+
+class _TransposedBlocks:
+    def __init__(self, blocks: SparseDense) -> None:
+        self.blocks = blocks
+
+    def __matmul__(self, other: Any) -> Any:
+        """[F, N] @ [N, K] -> [F, K] (dense): the sparse block's rows first."""
+        return np.vstack([np.asarray(self.blocks.sparse.T @ other), self.blocks.dense.T @ other])
+
+
 def sparse_targets(targets: npt.NDArray[np.float64], top_k: int, min_prob: float) -> sp.csr_matrix:
     """Keep each row's top-k targets with at least `min_prob` mass (the argmax always), renormalised."""
     n, n_labels = targets.shape
@@ -61,14 +96,23 @@ class _Objective:
     """Loss and gradient of the soft cross-entropy for flat float32 parameters [W (F*L) | b (L)]."""
 
     def __init__(self, features: Any, targets: sp.csr_matrix, c: float) -> None:
-        if sp.issparse(features):
+        # With SparseDense features, x is the sparse block and x_dense the dense one (its weights are the last
+        # rows of W); otherwise x_dense is None.
+        self.x_dense: Float32Array | None = None
+        if isinstance(features, SparseDense):
+            self.x = features.sparse
+            self.xt = self.x.T
+            self.x_dense = features.dense
+            self.xt_dense = np.ascontiguousarray(features.dense.T)
+        elif sp.issparse(features):
             self.x = sp.csr_matrix(features, dtype=np.float32)
             self.xt = self.x.T  # a CSC view, no copy
         else:
             self.x = np.ascontiguousarray(features, dtype=np.float32)
             self.xt = np.ascontiguousarray(self.x.T)
         self.t = targets
-        self.n, self.f = self.x.shape
+        self.n, self.f = self.x.shape[0], self.x.shape[1] + (0 if self.x_dense is None else self.x_dense.shape[1])
+        self.f_sparse = self.x.shape[1]
         self.labels = targets.shape[1]
         self.l2 = np.float32(1.0 / (c * self.n))
         t_rows = np.repeat(np.arange(self.n), np.diff(targets.indptr))
@@ -83,7 +127,10 @@ class _Objective:
         f, n_labels = self.f, self.labels
         weights = w[: f * n_labels].reshape(f, n_labels)
         z = self.z
-        _matmul_into(self.x, weights, z)
+        split = self.f_sparse
+        _matmul_into(self.x, weights[:split], z)
+        if self.x_dense is not None:
+            z += self.x_dense @ weights[split:]
         z += w[f * n_labels :]
         z -= z.max(axis=1, keepdims=True)
         # Rows of t sum to 1, so -sum t log softmax(z) = log sum exp(z) - sum t z.
@@ -96,7 +143,9 @@ class _Objective:
         z /= self.norm  # softmax / n
         z_flat[self.t_flat] -= self.t_data_n
         grad_w = grad[: f * n_labels].reshape(f, n_labels)
-        _matmul_into(self.xt, z, grad_w)
+        _matmul_into(self.xt, z, grad_w[:split])
+        if self.x_dense is not None:
+            np.matmul(self.xt_dense, z, out=grad_w[split:])
         grad_w += self.l2 * weights
         np.sum(z, axis=0, out=grad[f * n_labels :])
         w_part = w[: f * n_labels]
