@@ -40,6 +40,7 @@ class ParityError(RuntimeError):
 
 def tfidf_to_onnx(student: TfidfStudent) -> bytes:
     """The student's ONNX graph: skl2onnx's TfIdfVectorizer (C.UTF-8, re2 tokens) + the linear/OOD head."""
+    from onnx.helper import make_opsetid
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import StringTensorType
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -61,10 +62,90 @@ def tfidf_to_onnx(student: TfidfStudent) -> bytes:
     (pad,) = [a for a in tokenizer.attribute if a.name == "pad_value"]
     pad.s = b"<pad>"
     feature_name = model.graph.output[0].name
-    model = attach_head(model, feature_name, student.coef_, student.intercept_, student.centroids_, sparse_input=True)
-    model.doc_string = f"apprentice TF-IDF specialist ({student.analyzer} n-grams, {len(student.labels)} labels)"
+    dense_name: str | None = None
+    if student.word_vectors:
+        (normalizer,) = [node for node in model.graph.node if node.op_type == "StringNormalizer"]
+        nodes, inits, feature_name, dense_name = _word_block_nodes(student, normalizer.output[0], feature_name)
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(inits)
+        # LabelEncoder's string keys need ai.onnx.ml 2 or later; skl2onnx declares only what its nodes use.
+        ml = [o for o in model.opset_import if o.domain == "ai.onnx.ml"]
+        if ml:
+            ml[0].version = max(ml[0].version, 2)
+        else:
+            model.opset_import.append(make_opsetid("ai.onnx.ml", 2))
+    model = attach_head(
+        model, feature_name, student.coef_, student.intercept_, student.centroids_, sparse_input=True,
+        dense_feature=dense_name, dense_columns=0 if dense_name is None else student.word_table_.shape[1],
+    )  # fmt: skip
+    words = " + word vectors" if student.word_vectors else ""
+    model.doc_string = f"apprentice TF-IDF specialist ({student.analyzer} n-grams{words}, {len(student.labels)} labels)"
     data: bytes = model.SerializeToString()
     return data
+
+
+def _word_block_nodes(student: TfidfStudent, lowered: str, tfidf: str) -> tuple[list[Any], list[Any], str, str]:
+    """Nodes computing `TfidfStudent.features` with its word block from the lower-cased texts [N] and the
+    TF-IDF rows [N, F]: (nodes, initializers, the scaled TF-IDF rows' name, the scaled word block's name).
+
+    Words are looked up by a LabelEncoder (an unknown word or the Tokenizer's padding reads the zero row at
+    the end of the table), their float16 vectors weighted by idf and summed, the sum scaled to unit length
+    and by word_weight, and the row [tfidf | words] scaled to unit length, as in Python."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocabulary = sorted(student.word_vocabulary_, key=student.word_vocabulary_.__getitem__)
+    size, dims = student.word_table_.shape
+    table = np.vstack([student.word_table_, np.zeros((1, dims), np.float16)])
+    idf = np.append(student.word_idf_, np.float32(0.0)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(table, "wv_table"),
+        numpy_helper.from_array(idf, "wv_idf"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "wv_axis1"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "wv_axis2"),
+        numpy_helper.from_array(np.array(1e-30, dtype=np.float32), "wv_tiny"),
+        numpy_helper.from_array(np.array(student.word_weight, dtype=np.float32), "wv_weight"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node(
+            "Tokenizer",
+            [lowered],
+            ["wv_tokens"],
+            domain="com.microsoft",
+            mark=0,
+            mincharnum=1,
+            pad_value="<pad>",
+            tokenexp=ONNX_TOKENEXP,
+        ),
+        node(
+            "LabelEncoder",
+            ["wv_tokens"],
+            ["wv_ids"],
+            domain="ai.onnx.ml",
+            keys_strings=vocabulary,
+            values_int64s=list(range(size)),
+            default_int64=size,
+        ),
+        node("Gather", ["wv_table", "wv_ids"], ["wv_vectors16"], axis=0),  # [N, K, D]
+        node("Cast", ["wv_vectors16"], ["wv_vectors"], to=TensorProto.FLOAT),
+        node("Gather", ["wv_idf", "wv_ids"], ["wv_weights2d"], axis=0),  # [N, K]
+        node("Unsqueeze", ["wv_weights2d", "wv_axis2"], ["wv_weights"]),  # [N, K, 1]
+        node("Mul", ["wv_vectors", "wv_weights"], ["wv_terms"]),
+        node("ReduceSum", ["wv_terms", "wv_axis1"], ["wv_sum"], keepdims=0),  # [N, D]
+        node("ReduceSumSquare", ["wv_sum"], ["wv_sq"], axes=[1], keepdims=1),
+        node("Sqrt", ["wv_sq"], ["wv_norm_raw"]),
+        node("Max", ["wv_norm_raw", "wv_tiny"], ["wv_norm"]),
+        node("Div", ["wv_sum", "wv_norm"], ["wv_unit"]),
+        node("Mul", ["wv_unit", "wv_weight"], ["wv_block"]),
+        node("ReduceSumSquare", [tfidf], ["wv_tfidf_sq"], axes=[1], keepdims=1),
+        node("ReduceSumSquare", ["wv_block"], ["wv_block_sq"], axes=[1], keepdims=1),
+        node("Add", ["wv_tfidf_sq", "wv_block_sq"], ["wv_row_sq"]),
+        node("Sqrt", ["wv_row_sq"], ["wv_row_norm_raw"]),
+        node("Max", ["wv_row_norm_raw", "wv_tiny"], ["wv_row_norm"]),
+        node("Div", [tfidf, "wv_row_norm"], ["wv_tfidf_scaled"]),
+        node("Div", ["wv_block", "wv_row_norm"], ["wv_block_scaled"]),
+    ]
+    return nodes, inits, "wv_tfidf_scaled", "wv_block_scaled"
 
 
 class OnnxSpecialist:

@@ -86,11 +86,15 @@ def _head_nodes(
     centroids: Float32Array,
     *,
     sparse_input: bool = False,
+    dense_feature: str | None = None,
+    dense_columns: int = 0,
 ) -> tuple[list[Any], list[Any]]:
     """Nodes and initializers computing "probabilities" and "ood_score" as the module docstring says.
 
     One product with [coef | centroids] serves both outputs; `sparse_input` (TF-IDF) computes it from the
-    non-zero features only.
+    non-zero features only. With `dense_feature` [N, `dense_columns`], the features are
+    [feature_name | dense_feature] and the last `dense_columns` weight rows multiply the dense block with a
+    plain MatMul.
     """
     from onnx import helper, numpy_helper
 
@@ -98,6 +102,8 @@ def _head_nodes(
     if coef.shape[0] != n_labels + 1 or intercept.shape[0] != n_labels + 1:
         raise ValueError(f"coef/intercept need {n_labels + 1} rows (labels + decline), got {coef.shape[0]}")
     weights = np.concatenate([coef, centroids], axis=0).T.astype(np.float32)
+    n_dense = 0 if dense_feature is None else dense_columns
+    weights, dense_weights = weights[: weights.shape[0] - n_dense], weights[weights.shape[0] - n_dense :]
 
     def ints(name: str, *values: int) -> Any:
         return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
@@ -112,11 +118,18 @@ def _head_nodes(
         ints("head_end", 2 * n_labels + 1), ints("head_axis", 1),
         floats("head_one", 1.0), floats("head_zero", 0.0),
     ]  # fmt: skip
+    first = "head_z" if dense_feature is None else "head_z_first"
     if sparse_input:
-        product, product_inits = _sparse_matmul_nodes(feature_name, "head_weights", weights.shape[1], "head_z")
+        product, product_inits = _sparse_matmul_nodes(feature_name, "head_weights", weights.shape[1], first)
         inits += product_inits
     else:
-        product = [helper.make_node("MatMul", [feature_name, "head_weights"], ["head_z"])]
+        product = [helper.make_node("MatMul", [feature_name, "head_weights"], [first])]
+    if dense_feature is not None:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(dense_weights), "head_weights_dense"))
+        product += [
+            helper.make_node("MatMul", [dense_feature, "head_weights_dense"], ["head_z_dense"]),
+            helper.make_node("Add", [first, "head_z_dense"], ["head_z"]),
+        ]
     node = helper.make_node
     nodes = [
         *product,
@@ -147,11 +160,17 @@ def attach_head(
     centroids: Float32Array,
     *,
     sparse_input: bool = False,
+    dense_feature: str | None = None,
+    dense_columns: int = 0,
 ) -> Any:
-    """Replace `model`'s outputs with "probabilities" [N, L] and "ood_score" [N] computed from `feature_name`."""
+    """Replace `model`'s outputs with "probabilities" [N, L] and "ood_score" [N] computed from `feature_name`
+    (and `dense_feature`, see `_head_nodes`)."""
     from onnx import TensorProto, checker, helper
 
-    nodes, inits = _head_nodes(feature_name, coef, intercept, centroids, sparse_input=sparse_input)
+    nodes, inits = _head_nodes(
+        feature_name, coef, intercept, centroids, sparse_input=sparse_input, dense_feature=dense_feature,
+        dense_columns=dense_columns,
+    )  # fmt: skip
     graph = model.graph
     graph.node.extend(nodes)
     graph.initializer.extend(inits)

@@ -49,12 +49,13 @@ def clinc() -> dict[str, list[list[str]]]:
     return data
 
 
-@pytest.fixture(scope="module", params=["char", "word"])
+@pytest.fixture(scope="module", params=[("char", True), ("word", True), ("char", False)], ids=str)
 def student_and_model(clinc, request):
     rows = [r for r in clinc["train"] if r[1] in LABELS][:1500]
     texts, targets = [r[0] for r in rows], [r[1] for r in rows]
+    analyzer, word_vectors = request.param
     # With words, a small vocabulary cap forces the bigram closure that keeps the ONNX lookup exact.
-    student = TfidfStudent(LABELS, analyzer=request.param, max_features=1500, max_iter=40)
+    student = TfidfStudent(LABELS, analyzer=analyzer, word_vectors=word_vectors, max_features=1500, max_iter=40)
     student.fit(texts, soft_targets_from(targets, LABELS))
     return student, tfidf_to_onnx(student)
 

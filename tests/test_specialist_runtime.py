@@ -116,9 +116,11 @@ def test_decisions_follow_the_contract_scoring_rule(registry: Path, temperature:
         d = specialist.decide(text, top_k=3)
         assert (d.label, d.reason) == (label, reason), text
         assert d.route == ("specialist" if reason == "specialist" else "teacher")
-        assert d.probability == pytest.approx(prob, rel=1e-9, abs=1e-12)
-        assert d.score == pytest.approx(score, rel=1e-9, abs=1e-12)
-        assert d.ood_score == pytest.approx(ood, abs=1e-7)
+        # The reference runs the probes as one batch, the gateway one at a time: the word-vector block's MatMul
+        # may round a batch and a single row differently in float32 (seen: 4e-8 relative).
+        assert d.probability == pytest.approx(prob, rel=1e-6, abs=1e-12)
+        assert d.score == pytest.approx(score, rel=1e-6, abs=1e-12)
+        assert d.ood_score == pytest.approx(ood, abs=1e-6)
         assert d.version == version_dir.name
         assert d.label_distribution[0][0] == label
         probs = [q for _, q in d.label_distribution]
