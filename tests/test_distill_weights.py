@@ -7,7 +7,7 @@ import numpy as np
 
 from gateway.inference_log import InferenceRecord
 from gateway.manifest import RouterSpec
-from router_models.calibration import conformal_tau, evaluate
+from router_models.calibration import conformal_tau, evaluate, fit_router, weighted_quantile
 from router_models.distill import gate
 from router_models.distill_data import to_examples
 
@@ -77,3 +77,20 @@ def test_the_gate_forgives_agreement_within_sampling_noise_of_the_target():
     # The same agreement over 3000 effective rows is clearly below the target (noise 0.006): keep current.
     promoted, reason = gate({**noisy, "served_effective_n": 3000.0}, current, 0.97, 0.01)
     assert not promoted and "sampling noise" in reason
+
+
+def test_the_ood_threshold_counts_shadow_records_as_the_traffic_they_stand_for():
+    # After a specialist serves: 300 escalated inputs (weight 1) with high OOD scores, 100 shadow records
+    # (weight 20, the 2,000 requests the specialist answered) with low ones.
+    rng = np.random.default_rng(1)
+    ood = np.concatenate([rng.uniform(0.5, 0.9, size=300), rng.uniform(0.0, 0.4, size=100)])
+    weights = np.concatenate([np.ones(300), np.full(100, 20.0)])
+    probs = np.tile([0.8, 0.2], (400, 1))
+    agree = np.ones(400, dtype=bool)
+    agree[::7] = False
+    labelled = np.ones(400, dtype=bool)
+    unweighted = fit_router(probs, ood, agree, labelled, ood_quantile=0.8)
+    weighted = fit_router(probs, ood, agree, labelled, ood_quantile=0.8, weights=weights)
+    # 2,000 of the 2,300 requests lie below 0.4: the weighted 0.8 quantile is among them.
+    assert weighted.ood_threshold < 0.4 < unweighted.ood_threshold
+    assert weighted_quantile(ood, np.ones(400), 0.8) == np.quantile(ood, 0.8, method="inverted_cdf")
