@@ -129,7 +129,7 @@ class TfidfStudent(_SoftmaxHead):
         top_k: int = 5,
         min_prob: float = 0.01,
         word_vectors: bool = True,
-        # 1.0 and 1.5 were within a point of each other (offline, CLINC150); 0.6 lost four.
+        # Offline on CLINC150 (see router_models.word_vectors), 100 iterations: 1.0 served 75.5% at 0.97, 1.5 73.6%.
         word_weight: float = 1.0,
         word_dims: int = 128,
     ) -> None:
