@@ -137,6 +137,9 @@ class TaskConfig(_Strict):
     target_agreement: float = Field(default=0.97, gt=0.5, lt=1.0)
     shadow_rate: float = Field(default=0.02, ge=0.0, le=1.0)
     student: Literal["tfidf", "minilm"] = "tfidf"
+    # Distill escalates inputs whose OOD score is above this quantile of the teacher-labelled traffic's. Lower
+    # it where out-of-scope inputs may come in bursts: it trades offload for out-of-scope recall.
+    ood_quantile: float = Field(default=0.99, gt=0.5, le=1.0)
     system_prompt: str | None = None
 
     @field_validator("labels")

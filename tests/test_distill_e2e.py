@@ -138,6 +138,19 @@ def test_records_can_be_passed_directly_and_the_window_applies(tmp_path, slice_r
     assert report["data"]["records"] in (599, 600)
 
 
+def test_the_task_ood_quantile_sets_the_routers_ood_threshold(tmp_path, slice_records):
+    labels, records = slice_records
+    thresholds = {}
+    for quantile in (0.99, 0.8):
+        settings = _settings(tmp_path / str(quantile), labels)
+        settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"ood_quantile": quantile})
+        outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+        manifest = Manifest.model_validate_json((outcome.report_dir / "manifest.json").read_text())
+        thresholds[quantile] = manifest.router.ood_threshold
+    # Same records, same student: a fifth of the labelled router-fit inputs now lie above the threshold.
+    assert thresholds[0.8] < thresholds[0.99]
+
+
 def test_no_data_is_an_error_not_a_silent_success(tmp_path, slice_records):
     labels, _ = slice_records
     with pytest.raises(DistillError, match="not enough teacher-labelled data"):

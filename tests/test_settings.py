@@ -75,6 +75,7 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
         ({"upstreams": {"a": UPSTREAM}, "default_upstream": "z"}, ["default_upstream", "'z'"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "x"]}}}, ["tasks.t.labels", "duplicate labels: x"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "shadow_rate": 2}}}, ["tasks.t.shadow_rate"]),
+        ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "ood_quantile": 0.3}}}, ["tasks.t.ood_quantile"]),
         ({"tasks": {"t": {"labels": ["x", "y"]}}}, ["tasks.t.teacher", "Field required"]),
         (
             {"upstreams": {"a": UPSTREAM}, "tasks": {"gpt-4o-mini": {"teacher": "m", "labels": ["x", "y"]}}},
