@@ -28,7 +28,7 @@ import numpy.typing as npt
 from gateway.manifest import Manifest, RouterSpec, TextInput, TokenInput
 from router_models.onnx_head import attach_head
 from router_models.registry import promote, version_name, write_version
-from router_models.students import ONNX_CHAR_TOKENEXP, ONNX_LOCALE, ONNX_TOKENEXP, TfidfStudent
+from router_models.students import MAX_WORDS, ONNX_CHAR_TOKENEXP, ONNX_LOCALE, ONNX_TOKENEXP, TfidfStudent
 
 OPSET = 17
 PARITY_ATOL = 1e-4
@@ -88,9 +88,10 @@ def _word_block_nodes(student: TfidfStudent, lowered: str, tfidf: str) -> tuple[
     """Nodes computing `TfidfStudent.features` with its word block from the lower-cased texts [N] and the
     TF-IDF rows [N, F]: (nodes, initializers, the scaled TF-IDF rows' name, the scaled word block's name).
 
-    Words are looked up by a LabelEncoder (an unknown word or the Tokenizer's padding reads the zero row at
-    the end of the table), their float16 vectors weighted by idf and summed, the sum scaled to unit length
-    and by word_weight, and the row [tfidf | words] scaled to unit length, as in Python."""
+    The first MAX_WORDS words of each text are looked up by a LabelEncoder (an unknown word or the
+    Tokenizer's padding reads the zero row at the end of the table), their float16 vectors weighted by idf
+    and summed, the sum scaled to unit length and by word_weight, and the row [tfidf | words] scaled to unit
+    length, as in Python."""
     from onnx import TensorProto, helper, numpy_helper
 
     vocabulary = sorted(student.word_vocabulary_, key=student.word_vocabulary_.__getitem__)
@@ -102,6 +103,8 @@ def _word_block_nodes(student: TfidfStudent, lowered: str, tfidf: str) -> tuple[
         numpy_helper.from_array(idf, "wv_idf"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "wv_axis1"),
         numpy_helper.from_array(np.array([2], dtype=np.int64), "wv_axis2"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "wv_start"),
+        numpy_helper.from_array(np.array([MAX_WORDS], dtype=np.int64), "wv_limit"),
         numpy_helper.from_array(np.array(1e-30, dtype=np.float32), "wv_tiny"),
         numpy_helper.from_array(np.array(student.word_weight, dtype=np.float32), "wv_weight"),
     ]
@@ -110,13 +113,14 @@ def _word_block_nodes(student: TfidfStudent, lowered: str, tfidf: str) -> tuple[
         node(
             "Tokenizer",
             [lowered],
-            ["wv_tokens"],
+            ["wv_all_tokens"],
             domain="com.microsoft",
             mark=0,
             mincharnum=1,
             pad_value="<pad>",
             tokenexp=ONNX_TOKENEXP,
         ),
+        node("Slice", ["wv_all_tokens", "wv_start", "wv_limit", "wv_axis1"], ["wv_tokens"]),  # the first MAX_WORDS
         node(
             "LabelEncoder",
             ["wv_tokens"],

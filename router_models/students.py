@@ -13,6 +13,7 @@ the exported ONNX graph is checked against.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -39,10 +40,11 @@ ONNX_LOCALE = "C.UTF-8"
 def onnx_lowercase_compat(text: str) -> str:
     """Make Python's lower-casing match ONNX StringNormalizer's (C.UTF-8 towlower) before scikit-learn sees it.
 
-    The only code point where they differ is U+0130 (capital I with dot): Python's full case mapping gives
-    "i" + U+0307, the simple mapping ONNX uses gives "i".
+    Two code points lower differently. U+0130 (capital I with dot): Python's full case mapping gives "i" +
+    U+0307, the simple mapping ONNX uses gives "i". U+03A3 (capital sigma): Python gives the final form U+03C2
+    at the end of a word, ONNX always U+03C3.
     """
-    return text.replace("\u0130", "i")
+    return text.replace("\u0130", "i").replace("\u03a3", "\u03c3")
 
 
 def centroid_start(centroids: Float32Array, scale: float = 10.0) -> Float32Array:
@@ -91,6 +93,17 @@ NGRAM_RANGES: dict[TfidfAnalyzer, tuple[int, int]] = {"char": (2, 4), "word": (1
 # Characters as the ONNX Tokenizer (re2) sees them: every code point, newlines included. scikit-learn's own
 # "char" analyzer also folds runs of whitespace, which ONNX cannot do, so the Python side uses `char_ngrams`.
 ONNX_CHAR_TOKENEXP = r"(?s)."
+
+
+# The word block reads at most this many words of a text. Intents are short; without a cap the graph's
+# [words, dims] tensors made one 4 MB message cost 1.9 GB and 8 s (all-MiniLM-L6-v2 itself reads 128 tokens).
+MAX_WORDS = 256
+_WORD = re.compile(TOKEN_PATTERN)
+
+
+def first_words(text: str) -> list[str]:
+    """The first MAX_WORDS words of a lower-cased text, as the graph's Tokenizer and Slice find them."""
+    return _WORD.findall(text)[:MAX_WORDS]
 
 
 def char_ngrams(text: str, lo: int = 2, hi: int = 4) -> list[str]:
@@ -210,18 +223,19 @@ class TfidfStudent(_SoftmaxHead):
         self._fit_head(x, targets, len(decline_texts), on_iter)
         return self
 
-    def _word_counter(self, vocabulary: dict[str, int] | None) -> Any:
+    def _word_counter(self, vocabulary: dict[str, int]) -> Any:
+        """Counts of the vocabulary's words among each text's first MAX_WORDS words, as the graph counts them."""
         from sklearn.feature_extraction.text import CountVectorizer
 
-        return CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=False, vocabulary=vocabulary, dtype=np.float32)
+        return CountVectorizer(analyzer=first_words, vocabulary=vocabulary, dtype=np.float32)
 
     def _fit_word_block(self, clean: list[str]) -> None:
         """The word vocabulary (the tokenizer's words and the training words), its float16 vectors and idf."""
         from router_models.word_vectors import WordVectors
 
         lowered = [t.lower() for t in clean]
-        seen = self._word_counter(None).fit(lowered)
-        words, table = WordVectors(self.word_dims).table(seen.get_feature_names_out().tolist())
+        seen = {word for text in lowered for word in first_words(text)}
+        words, table = WordVectors(self.word_dims).table(seen)
         self.word_vocabulary_ = {w: i for i, w in enumerate(words)}
         self.word_table_ = table.astype(np.float16)
         counts = self._word_counter(self.word_vocabulary_).transform(lowered)

@@ -19,9 +19,11 @@ it are encoded when a student meets them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 Float32Array = npt.NDArray[np.float32]
+log = logging.getLogger("apprentice.word_vectors")
 DEFAULT_DIMS = 128
 _CACHE_FORMAT = 1
 # The tokenizer's whole words: letters only, two or more (WordPiece continuations "##x" are not words).
@@ -46,6 +49,23 @@ class Projection:
     def apply(self, embeddings: Float32Array) -> Float32Array:
         out: Float32Array = ((embeddings - self.mean) @ self.components.T).astype(np.float32)
         return out
+
+
+def _write_atomically(path: Path, words: list[str], vectors: Float32Array, projection: Projection) -> None:
+    """Write the table to a temporary file beside `path`, then rename it: a reader sees all or nothing, and
+    concurrent builders write the same table (the last rename wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            arrays = {"mean": projection.mean, "components": projection.components}
+            np.savez(f, words=np.array(words), vectors=vectors, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def default_cache_dir() -> Path:
@@ -83,9 +103,12 @@ class WordVectors:
         digest = hashlib.sha256(minilm_onnx_path().read_bytes()).hexdigest()[:16]
         path = self.cache_dir / "word_vectors" / f"minilm-{digest}-d{self.dims}-v{_CACHE_FORMAT}.npz"
         if path.is_file():
-            with np.load(path) as cached:
-                projection = Projection(cached["mean"], cached["components"])
-                return [str(w) for w in cached["words"]], cached["vectors"], projection
+            try:
+                with np.load(path) as cached:
+                    projection = Projection(cached["mean"], cached["components"])
+                    return [str(w) for w in cached["words"]], cached["vectors"], projection
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("word-vector cache %s is unreadable (%s); encoding the table again", path, exc)
         vocab = Tokenizer.from_file(str(minilm_tokenizer_path())).get_vocab()
         words = sorted(w for w in vocab if _TOKENIZER_WORD.fullmatch(w))
         embeddings = self._encode(words)
@@ -94,16 +117,10 @@ class WordVectors:
         _, _, vt = np.linalg.svd((embeddings - mean).astype(np.float64), full_matrices=False)
         projection = Projection(mean.astype(np.float32), vt[: self.dims].astype(np.float32))
         vectors = projection.apply(embeddings)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
         try:
-            with os.fdopen(fd, "wb") as f:
-                arrays = {"mean": projection.mean, "components": projection.components}
-                np.savez(f, words=np.array(words), vectors=vectors, **arrays)
-            os.replace(tmp, path)  # concurrent builders write the same table; the last rename wins
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _write_atomically(path, words, vectors, projection)
+        except OSError as exc:  # a read-only home must not stop distill; the next run encodes again
+            log.warning("could not cache the word-vector table at %s (%s)", path, exc)
         return words, vectors, projection
 
     def table(self, words: Iterable[str]) -> tuple[list[str], Float32Array]:

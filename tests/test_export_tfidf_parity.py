@@ -49,7 +49,7 @@ def clinc() -> dict[str, list[list[str]]]:
     return data
 
 
-@pytest.fixture(scope="module", params=[("char", True), ("word", True), ("char", False)], ids=str)
+@pytest.fixture(scope="module", params=[("char", True), ("word", True), ("char", False), ("word", False)], ids=str)
 def student_and_model(clinc, request):
     rows = [r for r in clinc["train"] if r[1] in LABELS][:1500]
     texts, targets = [r[0] for r in rows], [r[1] for r in rows]
@@ -160,3 +160,25 @@ def test_a_batch_scores_each_input_as_it_scores_alone():
     alone = [runner.predict([t]) for t in batch]
     np.testing.assert_allclose(together, np.vstack([p for p, _ in alone]), atol=1e-6)
     np.testing.assert_allclose(ood_together, np.concatenate([o for _, o in alone]), atol=1e-6)
+
+
+def test_python_lower_casing_matches_the_graphs_for_every_bmp_character():
+    """onnx_lowercase_compat + str.lower against ONNX StringNormalizer, each character alone and at the end of a
+    word (where Python lower-cases a capital sigma to its final form)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from router_models.students import ONNX_LOCALE, onnx_lowercase_compat
+
+    node = helper.make_node("StringNormalizer", ["x"], ["y"], case_change_action="LOWER", locale=ONNX_LOCALE)
+    graph = helper.make_graph(
+        [node], "lower", [helper.make_tensor_value_info("x", TensorProto.STRING, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [None])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    chars = [chr(c) for c in range(0x21, 0x10000) if not 0xD800 <= c <= 0xDFFF]
+    texts = chars + ["A" + c for c in chars]
+    (lowered,) = session.run(None, {"x": np.array(texts, dtype=object)})
+    mismatches = [t for t, got in zip(texts, lowered, strict=True) if onnx_lowercase_compat(t).lower() != got]
+    assert mismatches == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,20 @@ def test_the_solver_gives_the_same_model_for_blocks_and_for_one_stacked_matrix()
     np.testing.assert_allclose(bias_blocks, bias_stacked, atol=1e-4)
 
 
+def test_only_the_first_max_words_words_count_in_python_and_in_the_graph() -> None:
+    from gateway.manifest import TextInput
+    from router_models.export import OnnxSpecialist, check_parity, tfidf_to_onnx
+    from router_models.students import MAX_WORDS
+
+    student = _fit(word_vectors=True)
+    capped = " ".join(["car"] * MAX_WORDS)
+    longer = capped + " pizza" * 300  # words past the cap: the word block must not see them
+    blocks = student.features([capped, longer]).dense
+    np.testing.assert_array_equal(blocks[0], blocks[1])
+    runner = OnnxSpecialist(tfidf_to_onnx(student), TextInput())
+    assert check_parity(runner, student, [capped, longer, "pizza " * 5000, "short one"]) < 1e-4
+
+
 class CacheOnly(WordVectors):
     """WordVectors that fail if they need the encoder."""
 
@@ -88,13 +103,40 @@ class CacheOnly(WordVectors):
         raise AssertionError("the encoder ran although the table was cached")
 
 
-def test_the_word_table_is_encoded_once_then_read_from_the_cache(tmp_path: Path) -> None:
-    built = WordVectors(cache_dir=tmp_path)
-    assert len(list((tmp_path / "word_vectors").glob("*.npz"))) == 1
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[WordVectors, Path]:
+    """One table encoded into an empty cache directory (the encoder runs once for the tests below)."""
+    cache_dir = tmp_path_factory.mktemp("word-cache")
+    vectors = WordVectors(cache_dir=cache_dir)
+    (cached,) = (cache_dir / "word_vectors").glob("*.npz")
+    return vectors, cached
+
+
+def _copy_cache(cached: Path, root: Path) -> Path:
+    (root / "word_vectors").mkdir(parents=True)
+    copy = root / "word_vectors" / cached.name
+    shutil.copyfile(cached, copy)
+    return copy
+
+
+def test_the_word_table_is_encoded_once_then_read_from_the_cache(built, tmp_path: Path) -> None:
+    first, cached = built
+    _copy_cache(cached, tmp_path)
     again = CacheOnly(cache_dir=tmp_path)
     words, table = again.table(["car"])
-    reference_words, reference = built.table(["car"])
+    reference_words, reference = first.table(["car"])
     assert words == reference_words and table.shape == (len(words), 128)
     np.testing.assert_array_equal(table, reference)
     with pytest.raises(AssertionError, match="encoder ran"):
         again.table(["zzqxv"])  # a word outside the table needs the encoder
+
+
+def test_an_unreadable_cache_file_is_encoded_again_not_fatal(built, tmp_path: Path) -> None:
+    first, cached = built
+    copy = _copy_cache(cached, tmp_path)
+    copy.write_bytes(b"not an npz file")  # a torn write or a disk error
+    again = WordVectors(cache_dir=tmp_path)
+    words, table = again.table([])
+    np.testing.assert_array_equal(table, first.table(words)[1][: len(words)])
+    with np.load(copy) as rewritten:  # and the cache holds the table again
+        assert rewritten["vectors"].shape == (len(words), 128)
