@@ -103,7 +103,6 @@ class _Objective:
             self.x = features.sparse
             self.xt = self.x.T
             self.x_dense = features.dense
-            self.xt_dense = np.ascontiguousarray(features.dense.T)
         elif sp.issparse(features):
             self.x = sp.csr_matrix(features, dtype=np.float32)
             self.xt = self.x.T  # a CSC view, no copy
@@ -145,7 +144,7 @@ class _Objective:
         grad_w = grad[: f * n_labels].reshape(f, n_labels)
         _matmul_into(self.xt, z, grad_w[:split])
         if self.x_dense is not None:
-            np.matmul(self.xt_dense, z, out=grad_w[split:])
+            np.matmul(self.x_dense.T, z, out=grad_w[split:])  # BLAS reads the transpose in place
         grad_w += self.l2 * weights
         np.sum(z, axis=0, out=grad[f * n_labels :])
         w_part = w[: f * n_labels]
