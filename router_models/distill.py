@@ -176,7 +176,7 @@ def fit_specialist(
     cfg: DistillConfig,
     steps: Steps,
     task: str,
-    ood_quantile: float = 0.99,
+    ood_quantile: float,
 ) -> Fitted:
     """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
     split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
