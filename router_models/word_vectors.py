@@ -27,9 +27,13 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from router_models.minilm import MiniLMEncoder
 
 Float32Array = npt.NDArray[np.float32]
 log = logging.getLogger("apprentice.word_vectors")
@@ -58,8 +62,8 @@ def _write_atomically(path: Path, words: list[str], vectors: Float32Array, proje
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            arrays = {"mean": projection.mean, "components": projection.components}
-            np.savez(f, words=np.array(words), vectors=vectors, **arrays)
+            mean, components = projection.mean, projection.components
+            np.savez(f, words=np.array(words), vectors=vectors, mean=mean, components=components)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,7 +86,7 @@ class WordVectors:
     def __init__(self, dims: int = DEFAULT_DIMS, cache_dir: Path | None = None) -> None:
         self.dims = dims
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-        self._encoder: object | None = None
+        self._encoder: MiniLMEncoder | None = None
         words, vectors, self.projection = self._tokenizer_table()
         self._vectors: dict[str, Float32Array] = dict(zip(words, vectors, strict=True))
 
@@ -91,7 +95,7 @@ class WordVectors:
 
         if self._encoder is None:
             self._encoder = MiniLMEncoder(batch_size=256)
-        out: Float32Array = self._encoder.encode(list(words))  # type: ignore[attr-defined]
+        out: Float32Array = self._encoder.encode(list(words))
         return out
 
     def _tokenizer_table(self) -> tuple[list[str], Float32Array, Projection]:
