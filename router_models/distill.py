@@ -32,6 +32,7 @@ from router_models import calibration
 from router_models.distill_data import Example, Split, read_log, soft_targets, time_split, to_examples, window_start
 from router_models.distill_progress import Steps
 from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_parity, load_version, make_manifest
+from router_models.minilm import MiniLMNotInstalledError
 from router_models.registry import (
     RegistryError,
     current_version,
@@ -177,6 +178,7 @@ def fit_specialist(
     steps: Steps,
     task: str,
     ood_quantile: float,
+    word_vectors: bool = True,
 ) -> Fitted:
     """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
     split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
@@ -188,7 +190,7 @@ def fit_specialist(
         )
     with steps.step("soft targets"):
         targets = soft_targets(train, labels, cfg.kd_temperature)
-    model = build_student(kind, labels, cfg.max_features, cfg.max_iter)
+    model = build_student(kind, labels, cfg.max_features, cfg.max_iter, word_vectors=word_vectors)
     with steps.step(f"train {kind} student", total=model.max_iter) as advance:
         declined = [e.text for e in split.train if e.label is None]
         model.fit([e.text for e in train], targets, on_iter=lambda i, loss: advance(1), decline_texts=declined)
@@ -224,6 +226,17 @@ def _maybe_lock(registry_dir: Path, task: str, dry_run: bool) -> Iterator[None]:
         raise DistillError(str(exc)) from exc
 
 
+@contextmanager
+def _encoder_required(task: str, kind: str) -> Iterator[None]:
+    """A missing MiniLM package (the MiniLM student, or the TF-IDF student's word vectors) as a DistillError
+    that names the pip command and, for the TF-IDF student, the setting that does without it."""
+    try:
+        yield
+    except MiniLMNotInstalledError as exc:
+        hint = f"; or set tasks.{task}.word_vectors: false to train on character n-grams alone"
+        raise DistillError(f"{exc}{hint if kind == 'tfidf' else ''}") from exc
+
+
 def run_distill(
     settings: Settings,
     task: str,
@@ -256,10 +269,13 @@ def run_distill(
             except (OSError, ValueError) as exc:
                 raise DistillError(f"cannot read the inference log: {exc}") from exc
             examples, n_records = to_examples(source, task, labels, since, shadow_rate=task_cfg.shadow_rate)
-        fitted = fit_specialist(examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile)
+        with _encoder_required(task, kind):
+            fitted = fit_specialist(
+                examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile, task_cfg.word_vectors
+            )
         split, train, model = fitted.split, fitted.train, fitted.model
         temperature, router, tau_result = fitted.temperature, fitted.router, fitted.tau
-        with steps.step("export ONNX + parity"):
+        with steps.step("export ONNX + parity"), _encoder_required(task, kind):
             onnx_bytes, input_spec, extra_files = export_student(model)
             # MiniLM runs a transformer per text on both sides: a smaller sample keeps the check in seconds.
             n_parity = cfg.parity_sample if kind == "tfidf" else min(cfg.parity_sample, 200)

