@@ -173,9 +173,13 @@ def _secret_refs(config: Path) -> set[str]:
     return {s[4:] for s in _strings(_yaml(config)) if s.startswith("env:")}
 
 
+# APPRENTICE_* variables that are not settings: read where they are used (router_models/word_vectors.py).
+NOT_SETTINGS = {"APPRENTICE_CACHE_DIR"}
+
+
 def _check_env_maps_to_settings(where: str, settings: Settings, env: dict[str, str], secret_refs: set[str]) -> None:
     for var, value in env.items():
-        if not var.startswith("APPRENTICE_") or var in secret_refs:
+        if not var.startswith("APPRENTICE_") or var in secret_refs or var in NOT_SETTINGS:
             continue
         node: Any = settings
         for part in var.removeprefix("APPRENTICE_").lower().split("__"):
@@ -204,6 +208,20 @@ def test_each_container_starts_with_its_config_and_environment(tmp_path: Path, m
                 settings = load_settings(config)
                 assert params["task"] in settings.tasks, (where, params["task"])
         _check_env_maps_to_settings(where, settings, env, _secret_refs(config))
+
+
+def test_distill_keeps_its_word_vector_cache_on_the_registry_volume(tmp_path: Path, monkeypatch) -> None:
+    """The image's home is an emptyDir (k8s) or the container's own layer (compose): a cache there is lost after
+    every run. Both distill jobs point APPRENTICE_CACHE_DIR into the registry mount, which persists."""
+    from router_models.word_vectors import default_cache_dir
+
+    jobs = {where: job for where, job in _containers(tmp_path).items() if job[0][0] == "distill"}
+    assert set(jobs) == {"compose:distill", "k8s:CronJob"}
+    for where, (argv, env, files) in jobs.items():
+        _, params = _command(argv)
+        registry = load_settings(files[str(params["config"])]).registry.path
+        monkeypatch.setenv("APPRENTICE_CACHE_DIR", env.get("APPRENTICE_CACHE_DIR", "unset"))
+        assert default_cache_dir().is_relative_to(registry), where
 
 
 def test_compose_wiring() -> None:
