@@ -1,7 +1,7 @@
 """The flywheel benchmark: does the cheap path take the routine traffic while agreement holds?
 
     python -m benchmarks.flywheel --data ../shared/data/clinc150/data_full.json [--days 3]
-        [--student tfidf|minilm] [--out benchmarks/results/flywheel_tfidf.json]
+        [--student tfidf|minilm] [--agreement-confidence 0.9] [--out benchmarks/results/flywheel_tfidf.json]
 
 Real processes on 127.0.0.1 (the reference teacher, the gateway, `apprentice distill` per day); runs
 unchanged on any dataset in the JSONL format ({"text","label","split"}, label "oos" = out of scope).
@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--student", choices=("tfidf", "minilm"), default="tfidf")
     parser.add_argument("--target-agreement", type=float, default=0.97)
+    parser.add_argument(
+        "--agreement-confidence", type=float, default=0.9,
+        help="probability that served agreement meets the target (0.5: about a guarantee in expectation)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/flywheel_<student>.json)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the registry, log and configs here")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -40,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.days < 1:
         parser.error("--days must be at least 1")
+    if not 0.5 <= args.agreement_confidence < 1.0:
+        parser.error("--agreement-confidence must be in [0.5, 1)")
 
     out = args.out or RESULTS / f"flywheel_{args.student}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         days=args.days,
         student=args.student,
         target_agreement=args.target_agreement,
+        agreement_confidence=args.agreement_confidence,
         concurrency=args.concurrency,
         system_prompt=not args.no_system_prompt,
         traffic_limit=args.traffic_limit,
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     md = out.with_suffix(".md")
     md.write_text(
         f"# Flywheel: {result.dataset}, {result.student} student, {args.days} days, "
-        f"target agreement {args.target_agreement}\n\n{table}\n\nTeacher: {result.teacher}. "
+        f"target agreement {args.target_agreement} at confidence {args.agreement_confidence}\n\n{table}\n\n"
+        f"Teacher: {result.teacher}. "
         f"Machine: {payload['machine'].get('cpu_model')}; run took {payload['seconds']} s.\n"
     )
     plot(result, out.with_suffix(".png"))

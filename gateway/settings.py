@@ -135,6 +135,9 @@ class TaskConfig(_Strict):
     labels: list[str] = Field(min_length=2)
     input: Literal["last_user_message", "all_user_messages"] = "last_user_message"
     target_agreement: float = Field(default=0.97, gt=0.5, lt=1.0)
+    # The probability, over the data distill calibrates on, that agreement on what a version serves meets
+    # target_agreement. 0.5 is about the old guarantee in expectation: a version below target every other night.
+    agreement_confidence: float = Field(default=0.9, ge=0.5, lt=1.0)
     shadow_rate: float = Field(default=0.02, ge=0.0, le=1.0)
     student: Literal["tfidf", "minilm"] = "tfidf"
     # Distill escalates inputs whose OOD score is above this quantile of the teacher-labelled traffic's. Lower

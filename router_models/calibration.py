@@ -4,12 +4,18 @@ All scoring goes through `gateway.router` (apply_temperature, router_features, r
 rule (ood > threshold -> teacher; s < tau -> teacher; else the specialist), so what is calibrated here is
 what the gateway runs.
 
-tau comes from conformal risk control on a calibration split that the router was not fitted on. For a fixed
-tau, the served calibration inputs and a future served input are exchangeable, so the bound
-(errors(tau) + 1) / (served(tau) + 1) on the disagreement among served inputs holds in expectation (the
-"+1" is the worst case for the unseen input). tau is scanned on a fixed grid from strict to lenient and the
-scan stops at the first grid point whose bound exceeds 1 - target (fixed-sequence testing), so choosing
-among many taus does not spend the guarantee.
+tau comes from a calibration split that the router was not fitted on, by learn-then-test (Angelopoulos, Bates,
+Candès, Jordan and Lei, 2021): for each tau on a fixed grid, scanned from strict to lenient, test whether the
+disagreement rate among the inputs it serves exceeds 1 - target, with the Clopper-Pearson upper bound at the
+task's `agreement_confidence` (the binomial test's p-value is at most 1 - confidence exactly when that bound is
+at most 1 - target). The scan stops at the first grid point whose bound exceeds 1 - target (fixed-sequence
+testing), so choosing among many taus does not spend the guarantee: with probability at least the confidence
+over the calibration draw, agreement on what the chosen tau serves meets the target on exchangeable traffic.
+
+The previous rule, conformal risk control, bounded (errors + 1) / (served + 1): a guarantee in expectation over
+calibration draws, so a version served below the target about every other night. On the CLINC150 flywheel's
+test split it served 82.0% of in-scope inputs at 0.950 agreement; this rule at confidence 0.9, on the same
+model, 74.3% at 0.971 (offline, the same day-3 log).
 """
 
 from __future__ import annotations
@@ -146,42 +152,61 @@ def conformal_tau(
     grid_points: int = 100,
     start_fraction: float = 0.1,
     weights: FloatArray | None = None,
+    confidence: float = 0.9,
 ) -> TauResult:
-    """The smallest tau on a fixed grid, scanned from strict to lenient, whose conformal bound
-    (errors + 1) / (served + 1) on disagreement among served calibration inputs stays <= 1 - target.
+    """The smallest tau on a fixed grid, scanned from strict to lenient, whose upper confidence bound on the
+    disagreement among served calibration inputs (`disagreement_bound`) stays <= 1 - target.
 
     `eligible` marks inputs the OOD threshold lets through. The grid runs over score quantiles from the
-    first point that serves max(3 * (ceil(1/alpha) - 1), start_fraction of the eligible inputs) down to
-    all eligible inputs; it depends on the scores only, never on the labels, as fixed-sequence testing
+    first point that serves max(3 x the fewest inputs that could pass, start_fraction of the eligible inputs)
+    down to all eligible inputs; it depends on the scores only, never on the labels, as fixed-sequence testing
     requires. Starting there rather than at the very top keeps one early disagreement among a handful of
-    inputs (a bound of 2/34 at n = 33) from ending the scan. tau = 1.0 (never serve) when the first
-    point fails or there are too few eligible inputs.
+    inputs from ending the scan. tau = 1.0 (never serve) when the first point fails or there are too few
+    eligible inputs.
     """
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     alpha = 1.0 - target
     n = len(scores)
     candidates = np.sort(scores[eligible])[::-1]
-    min_served = max(1, math.ceil(1.0 / alpha) - 1)
+    # With no disagreement at all the bound is 1 - (1 - confidence)^(1/m): m must reach this before any tau passes.
+    min_served = max(1, math.ceil(math.log(1.0 - confidence) / math.log(1.0 - alpha)))
     result = TauResult(tau=1.0, bound=None, served=0, errors=0, n=n)
     if candidates.size < min_served:
         return result
     first = min(candidates.size, max(3 * min_served, math.ceil(start_fraction * candidates.size)))
     counts = np.unique(np.linspace(first, candidates.size, grid_points).round().astype(int))
-    # With importance weights (a shadow record stands for 1/shadow_rate requests) served and errors are
-    # weighted sums: counts of requests of the traffic. The unseen input is one request, hence + 1. Counting it
-    # with the largest weight instead demanded 20 / 0.03 = 667 served requests before any tau could pass,
-    # which on the CLINC150 flywheel turned every second-day tau into 1.0.
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    w_new = 1.0
     for tau in dict.fromkeys(float(candidates[c - 1]) for c in counts):  # strict -> lenient, ties once
         served = eligible & (scores >= tau)
         m = int(served.sum())
         errors = int((served & ~agree).sum())
-        bound = (float(w[served & ~agree].sum()) + w_new) / (float(w[served].sum()) + w_new)
+        bound = disagreement_bound(w[served], ~agree[served], confidence)
         result.grid.append({"tau": tau, "served": m, "errors": errors, "bound": bound})
         if bound > alpha:
             break
         result.tau, result.bound, result.served, result.errors = tau, bound, m, errors
     return result
+
+
+def disagreement_bound(weights: FloatArray, disagree: BoolArray, confidence: float) -> float:
+    """Clopper-Pearson upper bound, at `confidence`, on the disagreement rate of the traffic `weights` stand for.
+
+    Equal weights give the exact binomial bound on `disagree.sum()` of `len(disagree)`. With importance weights
+    (a shadow record stands for 1 / shadow_rate requests) the rate is the weighted share and the sample size
+    Kish's effective n, (sum w)^2 / sum w^2, as Korn and Graubard (1998) bound a weighted survey proportion: a
+    disagreement seen through a shadow record of weight 20 moves the bound as one observation of that weight
+    does, and counting the rows as if they were all weight 1 would overstate the evidence."""
+    from scipy.stats import beta
+
+    total = float(weights.sum())
+    if total <= 0.0:
+        return 1.0
+    n_eff = total**2 / float((weights**2).sum())
+    k = n_eff * float(weights[disagree].sum()) / total
+    if k >= n_eff:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1.0, n_eff - k))
 
 
 def coverage_curve(

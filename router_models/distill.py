@@ -3,10 +3,11 @@
 Steps (DESIGN.md "Offline path"): read the log window; dedupe by input hash (latest answer wins); declines
 become router negatives, never labels; soft targets from the teacher's label distribution with a KD
 temperature; a time-ordered split train | router fit | conformal | holdout; the student; temperature,
-router weights and OOD threshold on the router-fit split; tau by conformal risk control on the conformal
-split; ONNX export and a parity check against Python; holdout metrics for the candidate and for the current
-version (its own ONNX through onnxruntime, on the same holdout); the gate; the version directory written
-completely; then `current` replaced atomically. A non-dry run holds the task's registry lock throughout.
+router weights and OOD threshold on the router-fit split; tau by learn-then-test on the conformal split, at the
+task's agreement confidence (`calibration.conformal_tau`); ONNX export and a parity check against Python;
+holdout metrics for the candidate and for the current version (its own ONNX through onnxruntime, on the same
+holdout); the gate; the version directory written completely; then `current` replaced atomically. A non-dry
+run holds the task's registry lock throughout.
 
 Exit semantics for the CLI: a promotion, or the gate keeping the current version, returns a DistillOutcome;
 anything that prevents a sound decision raises DistillError.
@@ -71,10 +72,10 @@ class DistillConfig:
     max_features: int = 20000
     parity_sample: int = 500
     min_train: int = 20
-    # Where the strict-to-lenient tau scan starts (share of eligible calibration inputs served). The bound
-    # (errors + 1) / (served + 1) is strictest where few are served: at the top 10-25% of CLINC150's calibration
-    # split, three teacher slips among ~130 inputs ended the scan (tau 1.0, nothing served) although the
-    # student met the target at 55-75% coverage. Any start fixed before looking keeps the guarantee.
+    # Where the strict-to-lenient tau scan starts (share of eligible calibration inputs served). A bound on
+    # disagreement is loosest where few are served: at the top 10-25% of CLINC150's calibration split, three
+    # teacher slips among ~130 inputs ended the scan (tau 1.0, nothing served) although the student met the
+    # target at 55-75% coverage. Any start fixed before looking keeps the guarantee.
     tau_start_fraction: float = 0.4
 
 
@@ -135,7 +136,7 @@ def gate(
     Sampling noise: two standard errors of an agreement of `target` over the served rows' effective sample size
     (Kish, weights counted). The holdout is the newest 15% with shadow rows of weight 1 / shadow_rate: one
     disagreement among them moved agreement by a point and refused candidates that served half as much again
-    at the target (measured on the CLINC150 flywheel). tau's conformal bound is the guarantee; the gate only
+    at the target (measured on the CLINC150 flywheel). tau's confidence bound is the guarantee; the gate only
     catches a candidate that is clearly off it."""
     if current is None:
         return True, "no current version to compare with"
@@ -179,6 +180,7 @@ def fit_specialist(
     task: str,
     ood_quantile: float,
     word_vectors: bool = True,
+    confidence: float = 0.9,
 ) -> Fitted:
     """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
     split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
@@ -211,7 +213,7 @@ def fit_specialist(
         conf_agree = _agreement(conf_probs, conf_labels, labels)
         tau_result = calibration.conformal_tau(
             conf_scores, conf_ood <= router.ood_threshold, conf_agree, target,
-            start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal),
+            start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal), confidence=confidence,
         )  # fmt: skip
     return Fitted(split, train, model, temperature, router, tau_result)
 
@@ -271,8 +273,9 @@ def run_distill(
             examples, n_records = to_examples(source, task, labels, since, shadow_rate=task_cfg.shadow_rate)
         with _encoder_required(task, kind):
             fitted = fit_specialist(
-                examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile, task_cfg.word_vectors
-            )
+                examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile, task_cfg.word_vectors,
+                task_cfg.agreement_confidence,
+            )  # fmt: skip
         split, train, model = fitted.split, fitted.train, fitted.model
         temperature, router, tau_result = fitted.temperature, fitted.router, fitted.tau
         with steps.step("export ONNX + parity"), _encoder_required(task, kind):
@@ -314,6 +317,7 @@ def run_distill(
             "train_n": len(train),
             "conformal_n": tau_result.n,
             "conformal_bound": tau_result.bound,
+            "agreement_confidence": task_cfg.agreement_confidence,
             "parity_max_abs_diff": parity,
             "kd_temperature": cfg.kd_temperature,
             "train_iterations": int(getattr(model, "n_iter_", 0)),
@@ -341,7 +345,8 @@ def run_distill(
         report: dict[str, Any] = {
             "task": task, "version": version, "student": kind, "dry_run": dry_run,
             "promoted": promoted and not dry_run, "reason": reason if not dry_run else f"dry run; gate: {reason}",
-            "target_agreement": target, "tau": tau_result.tau, "temperature": temperature,
+            "target_agreement": target, "agreement_confidence": task_cfg.agreement_confidence,
+            "tau": tau_result.tau, "temperature": temperature,
             "router": router.model_dump(), "current_version": cur_version,
             "data": {
                 **data_window, "declines": sum(e.label is None for e in examples), "train": len(train),

@@ -44,6 +44,9 @@ class FlywheelConfig:
     days: int = 3
     student: str = "tfidf"
     target_agreement: float = 0.97
+    # The task's agreement_confidence (its default): the probability that a version's served agreement meets
+    # the target. 0.5 is about the guarantee in expectation that distill gave before.
+    agreement_confidence: float = 0.9
     # Higher than the 0.02 default: distill weighs each shadow record by 1/rate, and a few days of traffic need
     # enough of them to estimate agreement on what the specialist serves.
     shadow_rate: float = 0.05
@@ -77,6 +80,7 @@ class FlywheelResult:
     teacher: str
     student: str
     target_agreement: float
+    agreement_confidence: float
     requests: int
     teacher_accuracy_in_scope: float
     system_accuracy_in_scope: float
@@ -118,6 +122,7 @@ def _config_yaml(cfg: FlywheelConfig, teacher_url: str, labels: list[str]) -> di
                 "teacher": MODEL_ID,
                 "labels": labels,
                 "target_agreement": cfg.target_agreement,
+                "agreement_confidence": cfg.agreement_confidence,
                 "shadow_rate": cfg.shadow_rate,
                 "student": cfg.student,
             }
@@ -415,6 +420,7 @@ def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelRes
         teacher=f"{MODEL_ID} (priced as {cfg.teacher_priced_as})",
         student=cfg.student,
         target_agreement=cfg.target_agreement,
+        agreement_confidence=cfg.agreement_confidence,
         requests=len(traffic) + len(test),
         teacher_accuracy_in_scope=_share(sum(d[0] == a.label for a, d in in_scope), len(in_scope)),
         system_accuracy_in_scope=_share(sum(a.content == a.label for a, _ in in_scope), len(in_scope)),

@@ -58,10 +58,11 @@ def markdown(report: dict[str, Any]) -> str:
     conformal = report["conformal"]
     lines += [
         "",
-        "## Conformal tau (calibration split)",
+        "## tau (calibration split)",
         "",
-        f"served {conformal['served']} of {conformal['n']} with {conformal['errors']} disagreements; conformal bound "
-        f"(errors + w) / (served + w), shadow records weighted 1/shadow_rate = {_fmt(conformal['bound'])} <= "
+        f"served {conformal['served']} of {conformal['n']} with {conformal['errors']} disagreements; upper bound on "
+        f"disagreement at confidence {_fmt(report.get('agreement_confidence'))} (Clopper-Pearson on the effective "
+        f"sample, shadow records weighted 1/shadow_rate) = {_fmt(conformal['bound'])} <= "
         f"{_fmt(1 - report['target_agreement'])}",
         "",
         "## Timings (s)",

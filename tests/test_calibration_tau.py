@@ -1,5 +1,5 @@
-"""Calibration: the conformal tau keeps agreement on served held-out traffic at the target; temperature and
-router fitting behave."""
+"""Calibration: tau keeps agreement on served held-out traffic at the target with the asked confidence;
+temperature and router fitting behave."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import pytest
 
 from gateway.manifest import RouterSpec
 from gateway.router import apply_temperature, router_scores
-from router_models.calibration import conformal_tau, coverage_curve, evaluate, fit_router, fit_temperature
+from router_models.calibration import (
+    conformal_tau,
+    coverage_curve,
+    disagreement_bound,
+    evaluate,
+    fit_router,
+    fit_temperature,
+)
 
 
 def _population(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores in [0, 1] whose agreement probability rises with the score: 0.75 at the bottom, ~1 at the top."""
+    """Scores in [0, 1] whose agreement probability rises with the score: 0.4 at the bottom, ~1 at the top.
+    Served in score order it agrees 0.97 up to 60% coverage, about CLINC150's in-scope curve."""
     scores = rng.beta(5, 1.2, size=n)
-    agree = rng.random(n) < 0.75 + 0.25 * scores**3
+    agree = rng.random(n) < 1.0 - 0.6 * (1.0 - scores) ** 1.3
     return scores, agree
 
 
@@ -30,16 +38,60 @@ def test_tau_meets_the_target_on_held_out_data():
         coverages.append(served.mean())
         if served.any():
             served_agreement.append(test_a[served].mean())
-    # The guarantee is on expectation over calibration draws: the average served agreement meets the target,
-    # and single draws miss it rarely and by little.
+    # The guarantee holds with probability 0.9 (the default confidence) over calibration draws: at most one
+    # draw in ten may serve below the target (0.15 allows for 100 draws' own noise).
     assert np.mean(served_agreement) >= target
-    assert np.mean(np.array(served_agreement) < target - 0.015) <= 0.15
+    assert np.mean(np.array(served_agreement) < target) <= 0.15
     assert len(served_agreement) >= 75  # "never serve" is a rare outcome, not the usual one
     # ...and the threshold is not trivially strict: compared with the best fixed threshold in hindsight.
     big_s, big_a = _population(rng, 400000)
     _, agreement, _ = coverage_curve(big_s, np.ones(big_s.size, dtype=bool), big_a)
     oracle = (np.nonzero(agreement >= target)[0].max() + 1) / big_s.size
     assert np.mean(coverages) > 0.5 * oracle
+
+
+def test_the_guarantee_in_expectation_alone_misses_the_target_about_every_other_draw():
+    # Confidence 0.5 is about conformal risk control's bound in expectation: the same draws as above now serve
+    # below the target far more often than one in ten. That is what the 0.9 default buys.
+    rng = np.random.default_rng(7)
+    misses = []
+    for _ in range(100):
+        cal_s, cal_a = _population(rng, 1500)
+        tau = conformal_tau(cal_s, np.ones_like(cal_a), cal_a, 0.97, confidence=0.5).tau
+        test_s, test_a = _population(rng, 20000)
+        misses.append(test_a[test_s >= tau].mean() < 0.97)
+    assert np.mean(misses) > 0.25
+
+
+def test_more_confidence_means_a_stricter_tau():
+    rng = np.random.default_rng(11)
+    s, a = _population(rng, 3000)
+    eligible = np.ones(s.size, dtype=bool)
+    results = [conformal_tau(s, eligible, a, 0.97, confidence=c) for c in (0.5, 0.9, 0.99)]
+    assert results[0].tau < results[1].tau < results[2].tau
+    assert results[0].served > results[1].served > results[2].served
+    with pytest.raises(ValueError, match="confidence"):
+        conformal_tau(s, eligible, a, 0.97, confidence=0.4)
+
+
+def test_the_bound_is_clopper_pearson_on_the_effective_sample():
+    # No disagreement among n: the exact one-sided bound is 1 - (1 - confidence)^(1/n).
+    assert disagreement_bound(np.ones(100), np.zeros(100, dtype=bool), 0.9) == pytest.approx(1 - 0.1 ** (1 / 100))
+    # 3 of 200, against scipy's own binomial test: at the bound, P(X <= 3) is 1 - confidence.
+    from scipy.stats import binom
+
+    bound = disagreement_bound(np.ones(200), np.arange(200) < 3, 0.9)
+    assert binom.cdf(3, 200, bound) == pytest.approx(0.1, abs=1e-9)
+    # Scaling every weight alike changes nothing; one disagreement on a weight-20 shadow row counts as 20 of the
+    # traffic and shrinks the effective sample, so it bounds far higher than one disagreement of weight 1.
+    disagree = np.zeros(300, dtype=bool)
+    disagree[0] = True
+    plain = disagreement_bound(np.ones(300), disagree, 0.9)
+    assert disagreement_bound(np.full(300, 7.0), disagree, 0.9) == pytest.approx(plain)
+    heavy = np.ones(300)
+    heavy[:20] = 20.0
+    assert disagreement_bound(heavy, disagree, 0.9) > 3 * plain
+    assert disagreement_bound(np.ones(5), np.ones(5, dtype=bool), 0.9) == 1.0
 
 
 def test_an_uncalibrated_threshold_would_miss_the_target():

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from procs import REPO_ROOT, child_env, start
 
 from router_models.flywheel import best_tau_on_test
@@ -53,16 +54,21 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
     out = tmp_path / "flywheel.json"
     proc = _run(
         ["-m", "benchmarks.flywheel", "--data", str(small_jsonl), "--days", "2", "--out", str(out),
-         "--workdir", str(tmp_path / "work"), "--concurrency", "4"],
+         "--workdir", str(tmp_path / "work"), "--concurrency", "4", "--agreement-confidence", "0.8"],
         REPO_ROOT, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for key in ("dataset", "teacher", "student", "target_agreement", "requests", "teacher_accuracy_in_scope",
+    for key in ("dataset", "teacher", "student", "target_agreement", "agreement_confidence", "requests",
+                "teacher_accuracy_in_scope",
                 "system_accuracy_in_scope", "offload_in_scope", "agreement_offloaded", "oos_escalation_recall",
                 "cost_ratio", "days", "machine", "versions"):  # fmt: skip
         assert key in result, key
     assert [d["day"] for d in result["days"]] == [1, 2]
+    # The confidence reaches the task distill calibrates (its report says which it used).
+    assert result["agreement_confidence"] == 0.8
+    config = yaml.safe_load((tmp_path / "work" / "apprentice.yaml").read_text())
+    assert config["tasks"]["intent"]["agreement_confidence"] == 0.8
     # Day 1 has no specialist yet: everything goes to the teacher; distill then promotes a first version.
     assert result["days"][0]["offload_in_scope"] == 0.0
     assert result["days"][0]["promoted"] is True

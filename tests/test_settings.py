@@ -77,6 +77,14 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "shadow_rate": 2}}}, ["tasks.t.shadow_rate"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "ood_quantile": 0.3}}}, ["tasks.t.ood_quantile"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "word_vectors": "maybe"}}}, ["tasks.t.word_vectors"]),
+        (
+            {"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "agreement_confidence": 1.0}}},
+            ["tasks.t.agreement_confidence"],
+        ),
+        (
+            {"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "agreement_confidence": 0.3}}},
+            ["tasks.t.agreement_confidence"],
+        ),
         ({"tasks": {"t": {"labels": ["x", "y"]}}}, ["tasks.t.teacher", "Field required"]),
         (
             {"upstreams": {"a": UPSTREAM}, "tasks": {"gpt-4o-mini": {"teacher": "m", "labels": ["x", "y"]}}},
