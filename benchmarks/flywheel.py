@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", choices=("tfidf", "minilm"), default="tfidf")
     parser.add_argument("--target-agreement", type=float, default=0.97)
     parser.add_argument(
-        "--agreement-confidence", type=float, default=0.9,
+        "--agreement-confidence", type=float, default=FlywheelConfig.agreement_confidence,
         help="probability that served agreement meets the target (0.5: about a guarantee in expectation)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/flywheel_<student>.json)")

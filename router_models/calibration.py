@@ -11,6 +11,8 @@ task's `agreement_confidence` (the binomial test's p-value is at most 1 - confid
 at most 1 - target). The scan stops at the first grid point whose bound exceeds 1 - target (fixed-sequence
 testing), so choosing among many taus does not spend the guarantee: with probability at least the confidence
 over the calibration draw, agreement on what the chosen tau serves meets the target on exchangeable traffic.
+That is exact while every record weighs 1 (day one). Once shadow records carry importance weights the bound
+uses an effective sample size (`disagreement_bound`), an approximation.
 
 The previous rule, conformal risk control, bounded (errors + 1) / (served + 1): a guarantee in expectation over
 calibration draws, so a version served below the target about every other night. On the CLINC150 flywheel's
@@ -142,6 +144,8 @@ class TauResult:
     errors: int
     n: int
     grid: list[dict[str, float]] = field(default_factory=list)
+    # Why tau stopped where it did, in words for the report (most useful when it is 1.0: never serve).
+    reason: str = ""
 
 
 def conformal_tau(
@@ -152,7 +156,8 @@ def conformal_tau(
     grid_points: int = 100,
     start_fraction: float = 0.1,
     weights: FloatArray | None = None,
-    confidence: float = 0.9,
+    *,
+    confidence: float,
 ) -> TauResult:
     """The smallest tau on a fixed grid, scanned from strict to lenient, whose upper confidence bound on the
     disagreement among served calibration inputs (`disagreement_bound`) stays <= 1 - target.
@@ -173,6 +178,10 @@ def conformal_tau(
     min_served = max(1, math.ceil(math.log(1.0 - confidence) / math.log(1.0 - alpha)))
     result = TauResult(tau=1.0, bound=None, served=0, errors=0, n=n)
     if candidates.size < min_served:
+        result.reason = (
+            f"never serve: {candidates.size} eligible calibration inputs, and at least {min_served} are needed to "
+            f"bound disagreement by {alpha:.4g} at confidence {confidence}"
+        )
         return result
     first = min(candidates.size, max(3 * min_served, math.ceil(start_fraction * candidates.size)))
     counts = np.unique(np.linspace(first, candidates.size, grid_points).round().astype(int))
@@ -183,9 +192,15 @@ def conformal_tau(
         errors = int((served & ~agree).sum())
         bound = disagreement_bound(w[served], ~agree[served], confidence)
         result.grid.append({"tau": tau, "served": m, "errors": errors, "bound": bound})
-        if bound > alpha:
+        if not bound <= alpha:  # NaN fails too
+            stop = f"serving {m} with {errors} disagreements bounds disagreement at {bound:.4f} > {alpha:.4g}"
+            result.reason = (
+                f"never serve: the strictest tau tried ({stop})" if result.served == 0 else f"the next tau, {stop}"
+            )
             break
         result.tau, result.bound, result.served, result.errors = tau, bound, m, errors
+    else:
+        result.reason = "every eligible calibration input passes"
     return result
 
 
@@ -194,13 +209,15 @@ def disagreement_bound(weights: FloatArray, disagree: BoolArray, confidence: flo
 
     Equal weights give the exact binomial bound on `disagree.sum()` of `len(disagree)`. With importance weights
     (a shadow record stands for 1 / shadow_rate requests) the rate is the weighted share and the sample size
-    Kish's effective n, (sum w)^2 / sum w^2, as Korn and Graubard (1998) bound a weighted survey proportion: a
-    disagreement seen through a shadow record of weight 20 moves the bound as one observation of that weight
-    does, and counting the rows as if they were all weight 1 would overstate the evidence."""
+    Kish's effective n, (sum w)^2 / sum w^2: Clopper-Pearson on an effective sample size, as Korn and Graubard
+    (1998) bound a weighted survey proportion (they estimate that size from the design; Kish's formula assumes
+    disagreement independent of the weight, so this is an approximation). A disagreement on a shadow record of
+    weight 20 moves the bound as one observation of that weight does; counting the rows as if they all weighed 1
+    would overstate the evidence. Weights that are not finite give 1.0 (nothing can be vouched for)."""
     from scipy.stats import beta
 
     total = float(weights.sum())
-    if total <= 0.0:
+    if not (math.isfinite(total) and total > 0.0):
         return 1.0
     n_eff = total**2 / float((weights**2).sum())
     k = n_eff * float(weights[disagree].sum()) / total

@@ -179,8 +179,9 @@ def fit_specialist(
     steps: Steps,
     task: str,
     ood_quantile: float,
-    word_vectors: bool = True,
-    confidence: float = 0.9,
+    *,
+    word_vectors: bool,
+    confidence: float,
 ) -> Fitted:
     """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
     split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
@@ -273,8 +274,8 @@ def run_distill(
             examples, n_records = to_examples(source, task, labels, since, shadow_rate=task_cfg.shadow_rate)
         with _encoder_required(task, kind):
             fitted = fit_specialist(
-                examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile, task_cfg.word_vectors,
-                task_cfg.agreement_confidence,
+                examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile,
+                word_vectors=task_cfg.word_vectors, confidence=task_cfg.agreement_confidence,
             )  # fmt: skip
         split, train, model = fitted.split, fitted.train, fitted.model
         temperature, router, tau_result = fitted.temperature, fitted.router, fitted.tau
@@ -306,6 +307,8 @@ def run_distill(
         promoted, reason = gate(cand, cur, target, cfg.gate_tolerance)
         if cur_note:
             reason = f"{reason}; {cur_note}"
+        if tau_result.tau >= 1.0:
+            reason = f"{reason}; tau 1.0, this version would serve nothing ({tau_result.reason})"
         sha = hashlib.sha256(onnx_bytes).hexdigest()
         version = version_name(sha)
         metrics: dict[str, float | int | str | None] = {

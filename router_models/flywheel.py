@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pricing import PriceBook
-from gateway.settings import PricingConfig
+from gateway.settings import PricingConfig, TaskConfig
 from router_models.datasets import Dataset, Example, load_dataset
 from router_models.processes import Child, apprentice_command, start, wait_ready
 from router_models.reference_teacher import MODEL_ID, traffic_examples
@@ -44,9 +44,9 @@ class FlywheelConfig:
     days: int = 3
     student: str = "tfidf"
     target_agreement: float = 0.97
-    # The task's agreement_confidence (its default): the probability that a version's served agreement meets
-    # the target. 0.5 is about the guarantee in expectation that distill gave before.
-    agreement_confidence: float = 0.9
+    # The task's agreement_confidence: the probability that a version's served agreement meets the target.
+    # 0.5 is about the guarantee in expectation that distill gave before.
+    agreement_confidence: float = TaskConfig.model_fields["agreement_confidence"].default
     # Higher than the 0.02 default: distill weighs each shadow record by 1/rate, and a few days of traffic need
     # enough of them to estimate agreement on what the specialist serves.
     shadow_rate: float = 0.05

@@ -65,6 +65,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"sample, shadow records weighted 1/shadow_rate) = {_fmt(conformal['bound'])} <= "
         f"{_fmt(1 - report['target_agreement'])}",
         "",
+        conformal.get("reason") or "",
+        "",
         "## Timings (s)",
         "",
         "| step | seconds |",

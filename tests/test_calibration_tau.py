@@ -32,7 +32,7 @@ def test_tau_meets_the_target_on_held_out_data():
     served_agreement, coverages = [], []
     for _ in range(100):
         cal_s, cal_a = _population(rng, 1500)
-        tau = conformal_tau(cal_s, np.ones_like(cal_a), cal_a, target).tau
+        tau = conformal_tau(cal_s, np.ones_like(cal_a), cal_a, target, confidence=0.9).tau
         test_s, test_a = _population(rng, 20000)
         served = test_s >= tau
         coverages.append(served.mean())
@@ -59,7 +59,8 @@ def test_the_guarantee_in_expectation_alone_misses_the_target_about_every_other_
         cal_s, cal_a = _population(rng, 1500)
         tau = conformal_tau(cal_s, np.ones_like(cal_a), cal_a, 0.97, confidence=0.5).tau
         test_s, test_a = _population(rng, 20000)
-        misses.append(test_a[test_s >= tau].mean() < 0.97)
+        if (test_s >= tau).any():
+            misses.append(test_a[test_s >= tau].mean() < 0.97)
     assert np.mean(misses) > 0.25
 
 
@@ -78,7 +79,7 @@ def test_the_bound_is_clopper_pearson_on_the_effective_sample():
     # No disagreement among n: the exact one-sided bound is 1 - (1 - confidence)^(1/n).
     assert disagreement_bound(np.ones(100), np.zeros(100, dtype=bool), 0.9) == pytest.approx(1 - 0.1 ** (1 / 100))
     # 3 of 200, against scipy's own binomial test: at the bound, P(X <= 3) is 1 - confidence.
-    from scipy.stats import binom
+    from scipy.stats import beta, binom
 
     bound = disagreement_bound(np.ones(200), np.arange(200) < 3, 0.9)
     assert binom.cdf(3, 200, bound) == pytest.approx(0.1, abs=1e-9)
@@ -90,7 +91,12 @@ def test_the_bound_is_clopper_pearson_on_the_effective_sample():
     assert disagreement_bound(np.full(300, 7.0), disagree, 0.9) == pytest.approx(plain)
     heavy = np.ones(300)
     heavy[:20] = 20.0
-    assert disagreement_bound(heavy, disagree, 0.9) > 3 * plain
+    n_eff = 680.0**2 / (280 + 20 * 400.0)  # Kish: (sum w)^2 / sum w^2
+    k = n_eff * 20.0 / 680.0
+    assert disagreement_bound(heavy, disagree, 0.9) == pytest.approx(beta.ppf(0.9, k + 1, n_eff - k))
+    assert disagreement_bound(heavy, disagree, 0.9) > 6 * plain
+    # Weights that are not finite vouch for nothing (a NaN bound would otherwise pass every comparison).
+    assert disagreement_bound(np.array([1.0, np.inf, 1.0]), np.zeros(3, dtype=bool), 0.9) == 1.0
     assert disagreement_bound(np.ones(5), np.ones(5, dtype=bool), 0.9) == 1.0
 
 
@@ -104,8 +110,17 @@ def test_an_uncalibrated_threshold_would_miss_the_target():
 
 def test_too_little_calibration_data_means_never_serve():
     scores = np.linspace(0.9, 1.0, 20)
-    result = conformal_tau(scores, np.ones(20, dtype=bool), np.ones(20, dtype=bool), target=0.97)
+    result = conformal_tau(scores, np.ones(20, dtype=bool), np.ones(20, dtype=bool), target=0.97, confidence=0.9)
     assert result.tau == 1.0 and result.served == 0
+    assert result.reason.startswith("never serve: 20 eligible calibration inputs, and at least 76 are needed")
+
+
+def test_a_first_grid_point_that_fails_says_why_nothing_is_served():
+    agree = np.ones(400, dtype=bool)
+    agree[:40] = False  # 10% disagreement among the most confident inputs
+    result = conformal_tau(np.linspace(1.0, 0.0, 400), np.ones(400, dtype=bool), agree, 0.97, confidence=0.9)
+    assert result.tau == 1.0
+    assert result.reason.startswith("never serve: the strictest tau tried (serving 228 with 40 disagreements")
 
 
 def test_scan_stops_at_the_first_violation():
@@ -113,7 +128,7 @@ def test_scan_stops_at_the_first_violation():
     scores = np.linspace(1.0, 0.0, 300)
     agree = np.ones(300, dtype=bool)
     agree[100:130] = False
-    result = conformal_tau(scores, np.ones(300, dtype=bool), agree, target=0.9)
+    result = conformal_tau(scores, np.ones(300, dtype=bool), agree, target=0.9, confidence=0.9)
     assert result.served <= 110
     assert all(point["bound"] <= 0.1 for point in result.grid[:-1])
     assert result.grid[-1]["bound"] > 0.1
@@ -123,7 +138,7 @@ def test_ood_ineligible_inputs_are_never_counted_as_served():
     scores = np.full(200, 0.99)
     agree = np.ones(200, dtype=bool)
     eligible = np.zeros(200, dtype=bool)
-    assert conformal_tau(scores, eligible, agree, 0.9).tau == 1.0
+    assert conformal_tau(scores, eligible, agree, 0.9, confidence=0.9).tau == 1.0
 
 
 def test_fit_temperature_recovers_a_known_temperature():

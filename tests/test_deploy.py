@@ -210,7 +210,9 @@ def test_each_container_starts_with_its_config_and_environment(tmp_path: Path, m
         _check_env_maps_to_settings(where, settings, env, _secret_refs(config))
 
 
-def test_distill_keeps_its_word_vector_cache_on_the_registry_volume(tmp_path: Path, monkeypatch) -> None:
+def test_distill_keeps_its_word_vector_cache_on_the_registry_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The image's home is an emptyDir (k8s) or the container's own layer (compose): a cache there is lost after
     every run. Both distill jobs point APPRENTICE_CACHE_DIR into the registry mount, which persists."""
     from router_models.word_vectors import default_cache_dir

@@ -184,6 +184,30 @@ def test_word_vectors_false_trains_on_ngrams_without_the_minilm_packages(tmp_pat
     assert "LabelEncoder" not in {node.op_type for node in model.graph.node}
 
 
+def test_the_task_agreement_confidence_sets_how_strict_tau_is(tmp_path, slice_records):
+    labels, records = slice_records
+    taus = {}
+    for confidence in (0.5, 0.9):
+        settings = _settings(tmp_path / str(confidence), labels)
+        settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"agreement_confidence": confidence})
+        outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+        report = json.loads((outcome.report_dir / "report.json").read_text())
+        assert report["agreement_confidence"] == confidence
+        taus[confidence] = Manifest.model_validate_json((outcome.report_dir / "manifest.json").read_text()).tau
+    # Same records, same student and router: only the confidence of the bound differs.
+    assert taus[0.5] < taus[0.9] < 1.0
+
+
+def test_a_version_that_would_serve_nothing_says_why(tmp_path, slice_records):
+    # 0.99 confidence on this small slice: no tau's bound passes, and the operator reads why, not just tau 1.0.
+    labels, records = slice_records
+    settings = _settings(tmp_path, labels)
+    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"agreement_confidence": 0.99})
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+    assert "tau 1.0, this version would serve nothing (never serve: " in outcome.reason
+    assert "never serve: " in (outcome.report_dir / "report.md").read_text()
+
+
 def test_no_data_is_an_error_not_a_silent_success(tmp_path, slice_records):
     labels, _ = slice_records
     with pytest.raises(DistillError, match="not enough teacher-labelled data"):

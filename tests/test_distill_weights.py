@@ -39,10 +39,10 @@ def test_a_heavy_disagreement_makes_tau_stricter():
     low = np.argsort(scores)[:150]
     agree[low[::40]] = False  # a few disagreements among low scores
     eligible = np.ones(n, dtype=bool)
-    unweighted = conformal_tau(scores, eligible, agree, target=0.97)
+    unweighted = conformal_tau(scores, eligible, agree, target=0.97, confidence=0.9)
     weights = np.ones(n)
     weights[~agree] = 20.0  # the same disagreements, seen through shadow records
-    weighted = conformal_tau(scores, eligible, agree, target=0.97, weights=weights)
+    weighted = conformal_tau(scores, eligible, agree, target=0.97, weights=weights, confidence=0.9)
     assert weighted.tau > unweighted.tau
     assert weighted.served < unweighted.served
 
