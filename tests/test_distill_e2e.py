@@ -138,14 +138,19 @@ def test_records_can_be_passed_directly_and_the_window_applies(tmp_path, slice_r
     assert report["data"]["records"] in (599, 600)
 
 
-def test_the_task_ood_quantile_sets_the_routers_ood_threshold(tmp_path, slice_records):
+def _dry_run_with(root: Path, slice_records, **task_settings):
+    """A dry run on the slice with the task's settings changed: (outcome, its manifest)."""
     labels, records = slice_records
+    settings = _settings(root, labels)
+    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update=task_settings)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+    return outcome, Manifest.model_validate_json((outcome.report_dir / "manifest.json").read_text())
+
+
+def test_the_task_ood_quantile_sets_the_routers_ood_threshold(tmp_path, slice_records):
     thresholds = {}
     for quantile in (0.99, 0.8):
-        settings = _settings(tmp_path / str(quantile), labels)
-        settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"ood_quantile": quantile})
-        outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
-        manifest = Manifest.model_validate_json((outcome.report_dir / "manifest.json").read_text())
+        _, manifest = _dry_run_with(tmp_path / str(quantile), slice_records, ood_quantile=quantile)
         thresholds[quantile] = manifest.router.ood_threshold
     # Same records, same student: a fifth of the labelled router-fit inputs now lie above the threshold.
     assert thresholds[0.8] < thresholds[0.99]
@@ -185,25 +190,20 @@ def test_word_vectors_false_trains_on_ngrams_without_the_minilm_packages(tmp_pat
 
 
 def test_the_task_agreement_confidence_sets_how_strict_tau_is(tmp_path, slice_records):
-    labels, records = slice_records
     taus = {}
     for confidence in (0.5, 0.9):
-        settings = _settings(tmp_path / str(confidence), labels)
-        settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"agreement_confidence": confidence})
-        outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+        outcome, manifest = _dry_run_with(tmp_path / str(confidence), slice_records, agreement_confidence=confidence)
         report = json.loads((outcome.report_dir / "report.json").read_text())
         assert report["agreement_confidence"] == confidence
-        taus[confidence] = Manifest.model_validate_json((outcome.report_dir / "manifest.json").read_text()).tau
+        taus[confidence] = manifest.tau
     # Same records, same student and router: only the confidence of the bound differs.
     assert taus[0.5] < taus[0.9] < 1.0
 
 
 def test_a_version_that_would_serve_nothing_says_why(tmp_path, slice_records):
     # 0.99 confidence on this small slice: no tau's bound passes, and the operator reads why, not just tau 1.0.
-    labels, records = slice_records
-    settings = _settings(tmp_path, labels)
-    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"agreement_confidence": 0.99})
-    outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+    outcome, manifest = _dry_run_with(tmp_path, slice_records, agreement_confidence=0.99)
+    assert manifest.tau == 1.0
     assert "tau 1.0, this version would serve nothing (never serve: " in outcome.reason
     assert "never serve: " in (outcome.report_dir / "report.md").read_text()
 
