@@ -65,7 +65,7 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
                 "cost_ratio", "days", "machine", "versions"):  # fmt: skip
         assert key in result, key
     assert [d["day"] for d in result["days"]] == [1, 2]
-    # The confidence reaches the task distill calibrates (its report says which it used).
+    # The confidence reaches the task config distill reads (test_distill_e2e checks that distill uses it).
     assert result["agreement_confidence"] == 0.8
     config = yaml.safe_load((tmp_path / "work" / "apprentice.yaml").read_text())
     assert config["tasks"]["intent"]["agreement_confidence"] == 0.8

@@ -39,6 +39,16 @@ def test_defaults_without_a_file() -> None:
     assert settings.registry.path == Path(".apprentice/registry")
 
 
+def test_task_calibration_and_student_settings_have_defaults_and_take_values(tmp_path: Path) -> None:
+    # The rejections below would also come from an unknown key; these are read as the fields they name.
+    task = {"teacher": "m", "labels": ["x", "y"]}
+    default = load_settings(_write(tmp_path, {"tasks": {"t": task}})).tasks["t"]
+    assert (default.agreement_confidence, default.ood_quantile, default.word_vectors) == (0.9, 0.99, True)
+    chosen = {**task, "agreement_confidence": 0.5, "ood_quantile": 0.95, "word_vectors": False}
+    given = load_settings(_write(tmp_path, {"tasks": {"t": chosen}})).tasks["t"]
+    assert (given.agreement_confidence, given.ood_quantile, given.word_vectors) == (0.5, 0.95, False)
+
+
 def test_a_full_file_is_read(tmp_path: Path) -> None:
     config = {
         "server": {"port": 9100, "max_body_bytes": 2048},
