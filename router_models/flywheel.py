@@ -293,11 +293,26 @@ def best_tau_on_test(
     }
 
 
+def ood_auroc(ood: npt.NDArray[np.float64], out_of_scope: npt.NDArray[np.bool_]) -> float | None:
+    """The chance that an out-of-scope input's OOD score is above an in-scope input's, ties counted half
+    (the Mann-Whitney form of the ROC area): how well the OOD score alone separates the two, at any threshold.
+    None without both kinds."""
+    from scipy.stats import rankdata
+
+    n_out, n_in = int(out_of_scope.sum()), int((~out_of_scope).sum())
+    if n_out == 0 or n_in == 0:
+        return None
+    ranks = rankdata(ood)  # ties get their average rank
+    return float((ranks[out_of_scope].sum() - n_out * (n_out + 1) / 2) / (n_out * n_in))
+
+
 def _serving_version_on_test(
     cfg: FlywheelConfig, texts: list[str], teacher_answers: list[str], in_scope: list[bool]
 ) -> dict[str, Any] | None:
     """`best_tau_on_test` for the version the gateway served the test split with, scored offline through its
-    own ONNX graph, temperature and router, against the teacher's direct answers."""
+    own ONNX graph, temperature and router, against the teacher's direct answers. Beside it, what separates
+    the student's limits: the same with out-of-scope inputs set aside (every one escalated, as a perfect OOD
+    detector would), the in-scope ranking's own limit; and the OOD score's ROC area against out-of-scope inputs."""
     from gateway.router import apply_temperature, router_scores
     from router_models.export import load_version
     from router_models.registry import current_version, task_dir
@@ -306,12 +321,18 @@ def _serving_version_on_test(
     manifest, runner = load_version(task_dir(registry, TASK) / "versions" / str(current_version(registry, TASK)))
     probs, ood = runner.predict(texts)
     scores = router_scores(apply_temperature(probs, manifest.temperature), ood, manifest.router)
-    predicted = np.array(manifest.labels)[probs.argmax(axis=1)]
-    best = best_tau_on_test(
-        scores, ood <= manifest.router.ood_threshold, predicted == np.array(teacher_answers),
-        np.array(in_scope, dtype=bool), cfg.target_agreement,
-    )  # fmt: skip
-    return None if best is None else {"version": manifest.version, "tau_distill_chose": manifest.tau, **best}
+    eligible = ood <= manifest.router.ood_threshold
+    agree = np.array(manifest.labels)[probs.argmax(axis=1)] == np.array(teacher_answers)
+    inside = np.array(in_scope, dtype=bool)
+    best = best_tau_on_test(scores, eligible, agree, inside, cfg.target_agreement)
+    if best is None:
+        return None
+    alone = best_tau_on_test(scores[inside], eligible[inside], agree[inside], inside[inside], cfg.target_agreement)
+    return {
+        "version": manifest.version, "tau_distill_chose": manifest.tau, **best,
+        "offload_in_scope_oos_set_aside": None if alone is None else alone["offload_in_scope"],
+        "ood_auroc": ood_auroc(ood.astype(np.float64), ~inside),
+    }  # fmt: skip
 
 
 def _share(num: int, den: int) -> float:

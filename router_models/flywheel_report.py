@@ -38,6 +38,14 @@ def main_table(result: FlywheelResult) -> str:
             f"{best['tau_distill_chose']:.3f}), the same version would serve {best['offload_in_scope']:.4f} of "
             f"in-scope inputs at agreement {best['agreement_offloaded']:.4f}.",
         ]
+        if best.get("offload_in_scope_oos_set_aside") is not None:
+            lines[-1] += (
+                f" With every out-of-scope input escalated (a perfect OOD detector) it would serve "
+                f"{best['offload_in_scope_oos_set_aside']:.4f}: the in-scope ranking's own limit."
+            )
+        if best.get("ood_auroc") is not None:
+            auroc = best["ood_auroc"]
+            lines[-1] += f" Its OOD score separates out-of-scope inputs from in-scope ones with ROC area {auroc:.4f}."
     return "\n".join(lines)
 
 

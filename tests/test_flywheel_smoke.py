@@ -17,7 +17,7 @@ import pytest
 import yaml
 from procs import REPO_ROOT, child_env, start
 
-from router_models.flywheel import best_tau_on_test
+from router_models.flywheel import best_tau_on_test, ood_auroc
 
 CLINC150 = REPO_ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
 LABELS = 8
@@ -89,6 +89,10 @@ def test_flywheel_benchmark_runs_end_to_end(small_jsonl: Path, tmp_path: Path) -
     best = result["best_tau_on_test"]
     assert best is not None and best["version"] == result["days"][-1]["version"]
     assert 0.0 < best["offload_in_scope"] <= 1.0 and best["agreement_offloaded"] >= result["target_agreement"]
+    # Beside it, the in-scope ranking's own limit and the OOD score's ROC area, in the JSON and the table.
+    assert 0.0 < best["offload_in_scope_oos_set_aside"] <= 1.0
+    assert 0.0 <= best["ood_auroc"] <= 1.0
+    assert "perfect OOD detector" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".md").read_text().count("|") > 20
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,3 +148,12 @@ def test_best_tau_on_test_takes_the_longest_prefix_that_keeps_the_target() -> No
                             np.ones(3, bool), target=1.0)  # fmt: skip
     assert tied is not None and tied["tau"] == 0.9
     assert best_tau_on_test(scores, eligible, np.zeros(7, bool), in_scope, target=0.5) is None
+
+
+def test_ood_auroc_is_the_share_of_out_of_scope_in_scope_pairs_ranked_right_ties_half() -> None:
+    out_of_scope = np.array([False, False, True, True])
+    assert ood_auroc(np.array([0.1, 0.2, 0.3, 0.4]), out_of_scope) == 1.0
+    assert ood_auroc(np.array([0.3, 0.4, 0.1, 0.2]), out_of_scope) == 0.0
+    # Pairs (out, in): (0.2, 0.2) a tie, (0.2, 0.1), (0.5, 0.2), (0.5, 0.1) ranked right: 3.5 of 4.
+    assert ood_auroc(np.array([0.2, 0.1, 0.2, 0.5]), out_of_scope) == 0.875
+    assert ood_auroc(np.array([0.1, 0.2]), np.array([False, False])) is None
