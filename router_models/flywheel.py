@@ -308,11 +308,12 @@ def ood_auroc(ood: npt.NDArray[np.float64], out_of_scope: npt.NDArray[np.bool_])
 
 def _serving_version_on_test(
     cfg: FlywheelConfig, texts: list[str], teacher_answers: list[str], in_scope: list[bool]
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """`best_tau_on_test` for the version the gateway served the test split with, scored offline through its
     own ONNX graph, temperature and router, against the teacher's direct answers. Beside it, what separates
     the student's limits: the same with out-of-scope inputs set aside (every one escalated, as a perfect OOD
-    detector would), the in-scope ranking's own limit; and the OOD score's ROC area against out-of-scope inputs."""
+    detector would), the in-scope ranking's own limit; and the OOD score's ROC area against out-of-scope inputs.
+    Where no tau reaches the target, tau and what it would serve are None."""
     from gateway.router import apply_temperature, router_scores
     from router_models.export import load_version
     from router_models.registry import current_version, task_dir
@@ -325,11 +326,10 @@ def _serving_version_on_test(
     agree = np.array(manifest.labels)[probs.argmax(axis=1)] == np.array(teacher_answers)
     inside = np.array(in_scope, dtype=bool)
     best = best_tau_on_test(scores, eligible, agree, inside, cfg.target_agreement)
-    if best is None:
-        return None
     alone = best_tau_on_test(scores[inside], eligible[inside], agree[inside], inside[inside], cfg.target_agreement)
+    none = dict.fromkeys(("tau", "offload_in_scope", "agreement_offloaded", "oos_escalation_recall"))
     return {
-        "version": manifest.version, "tau_distill_chose": manifest.tau, **best,
+        "version": manifest.version, "tau_distill_chose": manifest.tau, **(best or none),
         "offload_in_scope_oos_set_aside": None if alone is None else alone["offload_in_scope"],
         "ood_auroc": ood_auroc(ood.astype(np.float64), ~inside),
     }  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from router_models.flywheel import FlywheelResult
 
@@ -30,23 +31,31 @@ def main_table(result: FlywheelResult) -> str:
         f"| out-of-scope escalation recall | {result.oos_escalation_recall:.4f} |",
         f"| cost ratio (gateway / all-teacher) | {_fmt(result.cost_ratio)} |",
     ]
-    best = result.best_tau_on_test
-    if best is not None:
-        lines += [
-            "",
+    if result.best_tau_on_test is not None:
+        lines += ["", _diagnostic(result.best_tau_on_test, result.target_agreement)]
+    return "\n".join(lines)
+
+
+def _diagnostic(best: dict[str, Any], target: float) -> str:
+    """The served version scored offline on the test split (`flywheel._serving_version_on_test`), in words."""
+    if best.get("tau") is not None:
+        text = (
             f"Diagnostic, not a result: with a tau chosen on the test split itself ({best['tau']:.3f}; distill chose "
             f"{best['tau_distill_chose']:.3f}), the same version would serve {best['offload_in_scope']:.4f} of "
-            f"in-scope inputs at agreement {best['agreement_offloaded']:.4f}.",
-        ]
-        if best.get("offload_in_scope_oos_set_aside") is not None:
-            lines[-1] += (
-                f" With every out-of-scope input escalated (a perfect OOD detector) it would serve "
-                f"{best['offload_in_scope_oos_set_aside']:.4f}: the in-scope ranking's own limit."
-            )
-        if best.get("ood_auroc") is not None:
-            auroc = best["ood_auroc"]
-            lines[-1] += f" Its OOD score separates out-of-scope inputs from in-scope ones with ROC area {auroc:.4f}."
-    return "\n".join(lines)
+            f"in-scope inputs at agreement {best['agreement_offloaded']:.4f}."
+        )
+    else:
+        text = f"Diagnostic, not a result: no tau chosen on the test split itself gives the served version {target}"
+        text += " agreement."
+    if best.get("offload_in_scope_oos_set_aside") is not None:
+        text += (
+            f" With every out-of-scope input escalated (a perfect OOD detector) it would serve "
+            f"{best['offload_in_scope_oos_set_aside']:.4f}: the in-scope ranking's own limit."
+        )
+    if best.get("ood_auroc") is not None:
+        auroc = best["ood_auroc"]
+        text += f" Its OOD score separates out-of-scope inputs from in-scope ones with ROC area {auroc:.4f}."
+    return text
 
 
 def _fmt(value: float | None) -> str:

@@ -157,3 +157,22 @@ def test_ood_auroc_is_the_share_of_out_of_scope_in_scope_pairs_ranked_right_ties
     # Pairs (out, in): (0.2, 0.2) a tie, (0.2, 0.1), (0.5, 0.2), (0.5, 0.1) ranked right: 3.5 of 4.
     assert ood_auroc(np.array([0.2, 0.1, 0.2, 0.5]), out_of_scope) == 0.875
     assert ood_auroc(np.array([0.1, 0.2]), np.array([False, False])) is None
+
+
+def test_the_summary_says_when_no_tau_reaches_the_target_and_still_gives_the_other_diagnostics() -> None:
+    from router_models.flywheel import FlywheelResult
+    from router_models.flywheel_report import main_table
+
+    result = FlywheelResult(
+        dataset="d", teacher="t", student="tfidf", target_agreement=0.97, agreement_confidence=0.9, requests=10,
+        teacher_accuracy_in_scope=0.9, system_accuracy_in_scope=0.9, offload_in_scope=0.5, agreement_offloaded=0.96,
+        oos_escalation_recall=0.9, cost_ratio=0.5, gateway_cost_usd=1.0, all_teacher_cost_usd=2.0,
+        best_tau_on_test={
+            "version": "v", "tau_distill_chose": 0.9, "tau": None, "offload_in_scope": None,
+            "agreement_offloaded": None, "oos_escalation_recall": None,
+            "offload_in_scope_oos_set_aside": 0.8123, "ood_auroc": 0.9234,
+        },
+    )  # fmt: skip
+    table = main_table(result)
+    assert "no tau chosen on the test split itself gives the served version 0.97 agreement" in table
+    assert "it would serve 0.8123" in table and "ROC area 0.9234" in table
