@@ -34,6 +34,7 @@ from router_models.distill_data import Example, Split, read_log, soft_targets, t
 from router_models.distill_progress import Steps
 from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_parity, load_version, make_manifest
 from router_models.minilm import MiniLMNotInstalledError
+from router_models.onnx_head import mix_ood
 from router_models.registry import (
     RegistryError,
     current_version,
@@ -198,12 +199,17 @@ def fit_specialist(
         declined = [e.text for e in split.train if e.label is None]
         model.fit([e.text for e in train], targets, on_iter=lambda i, loss: advance(1), decline_texts=declined)
     with steps.step("calibrate"):
-        fit_probs, fit_ood = _predict(model, split.router_fit)
+        fit_probs, fit_unlike, fit_energy = model.predict_parts([e.text for e in split.router_fit])
         fit_labels = _teacher_labels(split.router_fit)
         in_label = np.array([t is not None for t in fit_labels], dtype=bool)
         label_idx = np.array([labels.index(t) for t in fit_labels if t is not None], dtype=np.int64)
         temperature = calibration.fit_temperature(fit_probs[in_label], label_idx)
         fit_agree = _agreement(fit_probs, fit_labels, labels)
+        model.energy_mix_ = calibration.fit_energy_mix(
+            apply_temperature(fit_probs, temperature), fit_unlike, fit_energy, fit_agree,
+            weights=_weights(split.router_fit),
+        )  # fmt: skip
+        fit_ood = mix_ood(fit_unlike, fit_energy, model.energy_mix_)
         router = calibration.fit_router(
             apply_temperature(fit_probs, temperature), fit_ood, fit_agree, in_label, ood_quantile,
             weights=_weights(split.router_fit),
@@ -322,6 +328,7 @@ def run_distill(
             "conformal_bound": tau_result.bound,
             "agreement_confidence": task_cfg.agreement_confidence,
             "parity_max_abs_diff": parity,
+            "energy_mix": round(float(model.energy_mix_), 6),
             "kd_temperature": cfg.kd_temperature,
             "train_iterations": int(getattr(model, "n_iter_", 0)),
         }

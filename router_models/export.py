@@ -75,8 +75,9 @@ def tfidf_to_onnx(student: TfidfStudent) -> bytes:
         else:
             model.opset_import.append(make_opsetid("ai.onnx.ml", 2))
     model = attach_head(
-        model, feature_name, student.coef_, student.intercept_, student.centroids_, sparse_input=True,
-        dense_feature=dense_name, dense_columns=0 if dense_name is None else student.word_table_.shape[1],
+        model, feature_name, student.coef_, student.intercept_, student.centroids_,
+        energy_mix=student.energy_mix_, sparse_input=True, dense_feature=dense_name,
+        dense_columns=0 if dense_name is None else student.word_table_.shape[1],
     )  # fmt: skip
     words = " + word vectors" if student.word_vectors else ""
     model.doc_string = f"apprentice TF-IDF specialist ({student.analyzer} n-grams{words}, {len(student.labels)} labels)"

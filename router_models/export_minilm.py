@@ -53,7 +53,9 @@ def minilm_to_onnx(student: MiniLMStudent) -> tuple[bytes, TokenInput, dict[str,
     nodes, inits, embedding = _pooling_nodes(hidden, "attention_mask")
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
-    model = attach_head(model, embedding, student.coef_, student.intercept_, student.centroids_)
+    model = attach_head(
+        model, embedding, student.coef_, student.intercept_, student.centroids_, energy_mix=student.energy_mix_
+    )
     model.doc_string = f"apprentice MiniLM specialist ({len(student.labels)} labels)"
     inputs = {i.name for i in graph.input}
     spec = TokenInput(

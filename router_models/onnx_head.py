@@ -7,11 +7,15 @@ labels and a hidden "teacher declined" class, plus L label centroids:
     probabilities = softmax(logits[:, :L])                 [N, L]   (the contract's output)
     p_decline = sigmoid(logits[:, L] - logsumexp(logits[:, :L]))    (softmax mass of the decline class)
     max_sim = clip(max_k cos(x, centroid_k), 0, 1)
-    ood_score = 1 - (1 - p_decline) * max_sim              [N]
+    unlike = 1 - (1 - p_decline) * max_sim                           in [0, 1]
+    energy = -logsumexp(logits[:, :L])                               (the labels' free energy)
+    ood_score = (1 - energy_mix) * unlike + energy_mix * energy    [N]
 
 So an input is out of distribution when it resembles what the teacher declined, or resembles no label at
-all (no known word: max_sim = 0, ood_score = 1). `head_outputs` is the same arithmetic in numpy, the
-reference the parity check holds the graph to.
+all (no known word: max_sim = 0, unlike = 1), or when no label's logit is high (high energy: Liu et al.,
+"Energy-based Out-of-distribution Detection", 2020). `energy_mix` in [0, 1] is fitted by distill
+(`calibration.fit_energy_mix`); 0 gives the score before energy. `head_outputs` is the same arithmetic in
+numpy, the reference the parity check holds the graph to.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ Float32Array = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
 
 
-def head_outputs(
+def head_parts(
     features: Any, coef: Float32Array, intercept: Float32Array, centroids: Float32Array
-) -> tuple[Float64Array, Float64Array]:
-    """(probabilities [N, L], ood_score [N]) in float64 for features [N, F] (dense or scipy sparse)."""
+) -> tuple[Float64Array, Float64Array, Float64Array]:
+    """(probabilities [N, L], unlike [N], energy [N]) in float64 for features [N, F] (dense or scipy sparse):
+    the two parts of the OOD score before `energy_mix` weighs them."""
     n_labels = centroids.shape[0]
     logits = np.asarray(features @ coef.astype(np.float64).T, dtype=np.float64) + intercept.astype(np.float64)
     label_logits = logits[:, :n_labels]
@@ -40,8 +45,22 @@ def head_outputs(
     p_decline = 1.0 / (1.0 + np.exp(-(logits[:, n_labels] - lse)))
     sims = np.asarray(features @ centroids.astype(np.float64).T, dtype=np.float64)
     max_sim = np.clip(sims.max(axis=1), 0.0, 1.0)
-    ood: Float64Array = 1.0 - (1.0 - p_decline) * max_sim
-    return probabilities, ood
+    unlike: Float64Array = 1.0 - (1.0 - p_decline) * max_sim
+    return probabilities, unlike, -lse
+
+
+def mix_ood(unlike: Float64Array, energy: Float64Array, energy_mix: float) -> Float64Array:
+    """The OOD score from its two parts (module docstring)."""
+    out: Float64Array = (1.0 - energy_mix) * unlike + energy_mix * energy
+    return out
+
+
+def head_outputs(
+    features: Any, coef: Float32Array, intercept: Float32Array, centroids: Float32Array, energy_mix: float = 0.0
+) -> tuple[Float64Array, Float64Array]:
+    """(probabilities [N, L], ood_score [N]) in float64 for features [N, F] (dense or scipy sparse)."""
+    probabilities, unlike, energy = head_parts(features, coef, intercept, centroids)
+    return probabilities, mix_ood(unlike, energy, energy_mix)
 
 
 def _sparse_matmul_nodes(x: str, weights: str, n_columns: int, out: str) -> tuple[list[Any], list[Any]]:
@@ -85,6 +104,7 @@ def _head_nodes(
     intercept: Float32Array,
     centroids: Float32Array,
     *,
+    energy_mix: float = 0.0,
     sparse_input: bool = False,
     dense_feature: str | None = None,
     dense_columns: int = 0,
@@ -117,6 +137,7 @@ def _head_nodes(
         ints("head_0", 0), ints("head_l", n_labels), ints("head_l1", n_labels + 1),
         ints("head_end", 2 * n_labels + 1), ints("head_axis", 1),
         floats("head_one", 1.0), floats("head_zero", 0.0),
+        floats("head_mix", energy_mix), floats("head_keep", 1.0 - energy_mix),
     ]  # fmt: skip
     first = "head_z" if dense_feature is None else "head_z_first"
     if sparse_input:
@@ -146,7 +167,11 @@ def _head_nodes(
         node("Clip", ["head_max_sim_raw", "head_zero", "head_one"], ["head_max_sim"]),
         node("Sub", ["head_one", "head_p_decline"], ["head_p_keep"]),
         node("Mul", ["head_p_keep", "head_max_sim"], ["head_in_dist"]),
-        node("Sub", ["head_one", "head_in_dist"], ["head_ood_col"]),
+        node("Sub", ["head_one", "head_in_dist"], ["head_unlike"]),
+        node("Neg", ["head_lse"], ["head_energy"]),
+        node("Mul", ["head_unlike", "head_keep"], ["head_unlike_part"]),
+        node("Mul", ["head_energy", "head_mix"], ["head_energy_part"]),
+        node("Add", ["head_unlike_part", "head_energy_part"], ["head_ood_col"]),
         node("Squeeze", ["head_ood_col", "head_axis"], ["ood_score"]),
     ]
     return nodes, inits
@@ -159,6 +184,7 @@ def attach_head(
     intercept: Float32Array,
     centroids: Float32Array,
     *,
+    energy_mix: float = 0.0,
     sparse_input: bool = False,
     dense_feature: str | None = None,
     dense_columns: int = 0,
@@ -168,8 +194,8 @@ def attach_head(
     from onnx import TensorProto, checker, helper
 
     nodes, inits = _head_nodes(
-        feature_name, coef, intercept, centroids, sparse_input=sparse_input, dense_feature=dense_feature,
-        dense_columns=dense_columns,
+        feature_name, coef, intercept, centroids, energy_mix=energy_mix, sparse_input=sparse_input,
+        dense_feature=dense_feature, dense_columns=dense_columns,
     )  # fmt: skip
     graph = model.graph
     graph.node.extend(nodes)

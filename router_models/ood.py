@@ -2,8 +2,9 @@
 
 An input is out of distribution for the specialist when it resembles what the teacher declined (a learned
 extra softmax class, trained on the declines in the log) or resembles no label at all (low cosine to every
-label centroid). The score, 1 - (1 - p_decline) * max_k cos(x, centroid_k), lies in [0, 1], higher = more
-OOD; `router_models.onnx_head` computes it inside the ONNX graph and in numpy.
+label centroid): 1 - (1 - p_decline) * max_k cos(x, centroid_k), in [0, 1], higher = more OOD. The OOD score
+mixes that with the labels' free energy (no label's logit is high); `router_models.onnx_head` computes both
+inside the ONNX graph and in numpy.
 """
 
 from __future__ import annotations

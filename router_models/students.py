@@ -4,7 +4,8 @@ Both minimise soft-label cross-entropy, -sum_k t_k log p_k: the loss of a multin
 fitted on one row per (input, label) pair weighted by the target probability t_k, minimised directly on the
 soft targets by `router_models.softmax_regression`. Tiny target probabilities are pruned (top-k, minimum
 mass). Each student also carries the OOD scorer of `router_models.ood` on the same features: a hidden
-"teacher declined" class trained on the log's declines, and label centroids.
+"teacher declined" class trained on the log's declines, and label centroids, beside the labels' free energy
+(`router_models.onnx_head`), mixed by `energy_mix_` (0 until distill fits it).
 
 Students follow the scikit-learn estimator contract: `__init__` stores parameters, `fit` learns, learned
 state ends in `_`, `predict` is pure. `predict(texts) -> (probabilities [N, L], ood [N])` is the reference
@@ -22,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from router_models.onnx_head import head_outputs
+from router_models.onnx_head import head_parts, mix_ood
 from router_models.ood import fit_centroids, with_decline_class
 from router_models.softmax_regression import SparseDense, fit_soft_softmax
 
@@ -65,6 +66,9 @@ class _SoftmaxHead:
     coef_: Float32Array
     intercept_: Float32Array
     centroids_: Float32Array
+    # The OOD score's weight on the labels' free energy (`router_models.onnx_head`); distill fits it after
+    # training (`calibration.fit_energy_mix`). 0 is the score of the decline class and the centroids alone.
+    energy_mix_: float = 0.0
 
     def features(self, texts: Sequence[str]) -> Any:
         raise NotImplementedError
@@ -79,9 +83,14 @@ class _SoftmaxHead:
             top_k=self.top_k, min_prob=self.min_prob, on_iter=on_iter, init_coef=centroid_start(self.centroids_),
         )  # fmt: skip
 
+    def predict_parts(self, texts: Sequence[str]) -> tuple[Float64Array, Float64Array, Float64Array]:
+        """(probabilities [N, L] before temperature, and the OOD score's two parts [N]: unlike, energy)."""
+        return head_parts(self.features(texts), self.coef_, self.intercept_, self.centroids_)
+
     def predict(self, texts: Sequence[str]) -> tuple[Float64Array, Float64Array]:
         """(probabilities [N, L] before temperature, OOD scores [N])."""
-        return head_outputs(self.features(texts), self.coef_, self.intercept_, self.centroids_)
+        probabilities, unlike, energy = self.predict_parts(texts)
+        return probabilities, mix_ood(unlike, energy, self.energy_mix_)
 
 
 TfidfAnalyzer = Literal["char", "word"]
@@ -277,8 +286,8 @@ class TfidfStudent(_SoftmaxHead):
 class MiniLMStudent(_SoftmaxHead):
     """all-MiniLM-L6-v2 sentence embeddings (router_models.minilm) + soft-label softmax head + centroid OOD.
 
-    The embeddings are L2-normalised, so the OOD score is 1 - max cosine to the label centroids (in [0, 2]).
-    Its ONNX graph is the int8 encoder itself with pooling, normalisation and this head appended.
+    The embeddings are L2-normalised, so the cosine to the label centroids behind the OOD score is a dot
+    product. Its ONNX graph is the int8 encoder itself with pooling, normalisation and this head appended.
     """
 
     kind: StudentKind = "minilm"

@@ -13,6 +13,7 @@ from router_models.calibration import (
     coverage_curve,
     disagreement_bound,
     evaluate,
+    fit_energy_mix,
     fit_router,
     fit_temperature,
 )
@@ -165,6 +166,27 @@ def test_router_learns_that_confidence_means_agreement_and_declines_mean_teacher
     assert router_scores(confident, [0.1], spec)[0] > router_scores(unsure, [0.1], spec)[0] + 0.2
     assert router_scores(confident, [0.1], spec)[0] > router_scores(confident, [0.8], spec)[0] + 0.2
     assert spec.ood_threshold == np.quantile(ood[~declined], 0.99, method="inverted_cdf")
+
+
+def test_the_energy_mix_weighs_the_part_of_the_ood_score_that_predicts_disagreement():
+    rng = np.random.default_rng(11)
+    n = 4000
+    max_p = rng.uniform(0.5, 1.0, n)
+    probs = np.stack([max_p, 1 - max_p], axis=1)
+    strange = rng.random(n) < 0.2  # inputs the specialist should not answer
+    telling = np.where(strange, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.4, n))
+    noise = rng.uniform(0.0, 1.0, n)
+    agree = (rng.random(n) < max_p) & ~strange
+    # Energy tells the strange inputs, the other part is noise: the mix goes (nearly) all to energy; and back.
+    assert fit_energy_mix(probs, noise, telling, agree) > 0.9
+    assert fit_energy_mix(probs, telling, noise, agree) < 0.1
+    both = fit_energy_mix(probs, telling, telling, agree)
+    assert 0.3 < both < 0.7
+    # One class only: nothing to learn, the score without energy.
+    assert fit_energy_mix(probs, noise, telling, np.ones(n, bool)) == 0.0
+    # A weight is a count of the traffic a row stands for: doubling every weight changes nothing.
+    weighted = fit_energy_mix(probs, telling, telling, agree, weights=np.full(n, 2.0))
+    assert weighted == pytest.approx(both, abs=1e-6)
 
 
 def test_evaluate_counts_declines_as_disagreement_and_respects_the_ood_threshold():

@@ -77,6 +77,9 @@ def test_distill_promotes_a_complete_version_the_gateway_loads(promoted, slice_r
     assert (vdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     holdout = report["holdout"]["candidate"]
     assert holdout["coverage"] > 0.3 and holdout["agreement_served"] >= 0.9
+    # The OOD score's weight on energy, fitted on the router-fit split; the comparison below holds it to the graph.
+    assert 0.0 <= report["metrics"]["energy_mix"] <= 1.0
+    assert f"energy mix {report['metrics']['energy_mix']:.4f}" in (vdir / "report.md").read_text()
 
     # The gateway's own loader, on the same holdout, serves exactly what distill measured offline.
     examples, _ = to_examples(records, TASK, labels)
@@ -192,7 +195,11 @@ def test_word_vectors_false_trains_on_ngrams_without_the_minilm_packages(tmp_pat
 def test_the_task_agreement_confidence_sets_how_strict_tau_is(tmp_path, slice_records):
     taus = {}
     for confidence in (0.5, 0.9):
-        outcome, manifest = _dry_run_with(tmp_path / str(confidence), slice_records, agreement_confidence=confidence)
+        # Target 0.96: on this slice the scan then stops inside the eligible inputs at 0.9 (at 0.95, every
+        # eligible input passes at both confidences; at 0.97, none does at 0.9).
+        outcome, manifest = _dry_run_with(
+            tmp_path / str(confidence), slice_records, agreement_confidence=confidence, target_agreement=0.96
+        )
         report = json.loads((outcome.report_dir / "report.json").read_text())
         assert report["agreement_confidence"] == confidence
         taus[confidence] = manifest.tau

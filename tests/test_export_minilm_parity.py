@@ -49,6 +49,19 @@ def test_parity_on_clinc_and_odd_inputs(fitted):
     assert np.median(ood[-20:]) > np.median(ood[:60])
 
 
+def test_the_energy_mix_is_in_the_merged_graph_as_in_python(fitted):
+    import copy
+
+    student, _, _, _, _, test = fitted
+    mixed = copy.copy(student)
+    mixed.energy_mix_ = 0.5
+    model, spec, extra = minilm_to_onnx(mixed)
+    runner = OnnxSpecialist(model, spec, extra["tokenizer.json"])
+    assert check_parity(runner, mixed, test) < 1e-4
+    _, unlike, energy = student.predict_parts(test)
+    np.testing.assert_allclose(runner.predict(test)[1], 0.5 * unlike + 0.5 * energy, atol=1e-4)
+
+
 def test_the_gateway_loads_and_runs_the_minilm_version(fitted, tmp_path):
     student, model, spec, extra, labels, test = fitted
     sha = hashlib.sha256(model).hexdigest()

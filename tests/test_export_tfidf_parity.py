@@ -182,3 +182,21 @@ def test_python_lower_casing_matches_the_graphs_for_every_bmp_character():
     (lowered,) = session.run(None, {"x": np.array(texts, dtype=object)})
     mismatches = [t for t, got in zip(texts, lowered, strict=True) if onnx_lowercase_compat(t).lower() != got]
     assert mismatches == []
+
+
+def test_the_energy_mix_is_in_the_graph_as_in_python(clinc, student_and_model):
+    import copy
+
+    student, model = student_and_model
+    mixed = copy.copy(student)
+    mixed.energy_mix_ = 0.6
+    texts = [r[0] for r in clinc["test"][:300]] + [r[0] for r in clinc["oos_test"][:100]] + list(ODD_TEXTS)
+    runner = OnnxSpecialist(tfidf_to_onnx(mixed), TextInput())
+    assert check_parity(runner, mixed, texts) < 1e-4
+    probs, ood = runner.predict(texts)
+    probs_before, ood_before = OnnxSpecialist(model, TextInput()).predict(texts)
+    # The mix moves the OOD score only: 0.4 of the old score plus 0.6 of the labels' free energy.
+    np.testing.assert_allclose(probs, probs_before, atol=1e-6)
+    _, unlike, energy = student.predict_parts(texts)
+    np.testing.assert_allclose(ood_before, unlike, atol=1e-4)
+    np.testing.assert_allclose(ood, 0.4 * unlike + 0.6 * energy, atol=1e-4)
