@@ -14,8 +14,8 @@ labels and a hidden "teacher declined" class, plus L label centroids:
 So an input is out of distribution when it resembles what the teacher declined, or resembles no label at
 all (no known word: max_sim = 0, unlike = 1), or when no label's logit is high (high energy: Liu et al.,
 "Energy-based Out-of-distribution Detection", 2020). `energy_mix` in [0, 1] is fitted by distill
-(`calibration.fit_energy_mix`); 0 gives the score before energy. `head_outputs` is the same arithmetic in
-numpy, the reference the parity check holds the graph to.
+(`calibration.fit_energy_mix`); 0 gives the score before energy. `head_parts` and `mix_ood` are the same
+arithmetic in numpy, the reference the parity check holds the graph to.
 """
 
 from __future__ import annotations
@@ -53,14 +53,6 @@ def mix_ood(unlike: Float64Array, energy: Float64Array, energy_mix: float) -> Fl
     """The OOD score from its two parts (module docstring)."""
     out: Float64Array = (1.0 - energy_mix) * unlike + energy_mix * energy
     return out
-
-
-def head_outputs(
-    features: Any, coef: Float32Array, intercept: Float32Array, centroids: Float32Array, energy_mix: float = 0.0
-) -> tuple[Float64Array, Float64Array]:
-    """(probabilities [N, L], ood_score [N]) in float64 for features [N, F] (dense or scipy sparse)."""
-    probabilities, unlike, energy = head_parts(features, coef, intercept, centroids)
-    return probabilities, mix_ood(unlike, energy, energy_mix)
 
 
 def _sparse_matmul_nodes(x: str, weights: str, n_columns: int, out: str) -> tuple[list[Any], list[Any]]:
