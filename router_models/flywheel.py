@@ -306,14 +306,34 @@ def ood_auroc(ood: npt.NDArray[np.float64], out_of_scope: npt.NDArray[np.bool_])
     return float((ranks[out_of_scope].sum() - n_out * (n_out + 1) / 2) / (n_out * n_in))
 
 
+def serving_diagnostics(
+    scores: npt.NDArray[np.float64],
+    ood: npt.NDArray[np.float64],
+    ood_threshold: float,
+    agree: npt.NDArray[np.bool_],
+    in_scope: npt.NDArray[np.bool_],
+    target: float,
+) -> dict[str, Any]:
+    """What separates a served version's limits on the test split: `best_tau_on_test` (its keys None where no
+    tau reaches `target`); the in-scope offload at `target` with out-of-scope inputs set aside (every one
+    escalated, as a perfect OOD detector would), the in-scope ranking's own limit; and the OOD score's ROC area
+    against out-of-scope inputs."""
+    eligible = ood <= ood_threshold
+    best = best_tau_on_test(scores, eligible, agree, in_scope, target)
+    alone = best_tau_on_test(scores[in_scope], eligible[in_scope], agree[in_scope], in_scope[in_scope], target)
+    none = dict.fromkeys(("tau", "offload_in_scope", "agreement_offloaded", "oos_escalation_recall"))
+    return {
+        **(best or none),
+        "offload_in_scope_oos_set_aside": None if alone is None else alone["offload_in_scope"],
+        "ood_auroc": ood_auroc(ood, ~in_scope),
+    }
+
+
 def _serving_version_on_test(
     cfg: FlywheelConfig, texts: list[str], teacher_answers: list[str], in_scope: list[bool]
 ) -> dict[str, Any]:
-    """`best_tau_on_test` for the version the gateway served the test split with, scored offline through its
-    own ONNX graph, temperature and router, against the teacher's direct answers. Beside it, what separates
-    the student's limits: the same with out-of-scope inputs set aside (every one escalated, as a perfect OOD
-    detector would), the in-scope ranking's own limit; and the OOD score's ROC area against out-of-scope inputs.
-    Where no tau reaches the target, tau and what it would serve are None."""
+    """`serving_diagnostics` for the version the gateway served the test split with, scored offline through
+    its own ONNX graph, temperature and router, against the teacher's direct answers."""
     from gateway.router import apply_temperature, router_scores
     from router_models.export import load_version
     from router_models.registry import current_version, task_dir
@@ -322,17 +342,12 @@ def _serving_version_on_test(
     manifest, runner = load_version(task_dir(registry, TASK) / "versions" / str(current_version(registry, TASK)))
     probs, ood = runner.predict(texts)
     scores = router_scores(apply_temperature(probs, manifest.temperature), ood, manifest.router)
-    eligible = ood <= manifest.router.ood_threshold
     agree = np.array(manifest.labels)[probs.argmax(axis=1)] == np.array(teacher_answers)
-    inside = np.array(in_scope, dtype=bool)
-    best = best_tau_on_test(scores, eligible, agree, inside, cfg.target_agreement)
-    alone = best_tau_on_test(scores[inside], eligible[inside], agree[inside], inside[inside], cfg.target_agreement)
-    none = dict.fromkeys(("tau", "offload_in_scope", "agreement_offloaded", "oos_escalation_recall"))
-    return {
-        "version": manifest.version, "tau_distill_chose": manifest.tau, **(best or none),
-        "offload_in_scope_oos_set_aside": None if alone is None else alone["offload_in_scope"],
-        "ood_auroc": ood_auroc(ood.astype(np.float64), ~inside),
-    }  # fmt: skip
+    diagnostics = serving_diagnostics(
+        scores, ood.astype(np.float64), manifest.router.ood_threshold, agree, np.array(in_scope, dtype=bool),
+        cfg.target_agreement,
+    )  # fmt: skip
+    return {"version": manifest.version, "tau_distill_chose": manifest.tau, **diagnostics}
 
 
 def _share(num: int, den: int) -> float:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from procs import REPO_ROOT, child_env, start
 
-from router_models.flywheel import best_tau_on_test, ood_auroc
+from router_models.flywheel import best_tau_on_test, ood_auroc, serving_diagnostics
 
 CLINC150 = REPO_ROOT.parent / "shared" / "data" / "clinc150" / "data_full.json"
 LABELS = 8
@@ -148,6 +148,23 @@ def test_best_tau_on_test_takes_the_longest_prefix_that_keeps_the_target() -> No
                             np.ones(3, bool), target=1.0)  # fmt: skip
     assert tied is not None and tied["tau"] == 0.9
     assert best_tau_on_test(scores, eligible, np.zeros(7, bool), in_scope, target=0.5) is None
+
+
+def test_setting_out_of_scope_inputs_aside_shows_the_in_scope_rankings_own_limit() -> None:
+    # Descending scores: two agreeing in-scope inputs, an out-of-scope leak (a disagreement), two more agreeing
+    # in-scope inputs; the last in-scope input is over the OOD threshold.
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.95])
+    ood = np.array([0.1, 0.2, 0.9, 0.3, 0.4, 2.0])
+    agree = np.array([True, True, False, True, True, True])
+    in_scope = np.array([True, True, False, True, True, True])
+    out = serving_diagnostics(scores, ood, 1.0, agree, in_scope, target=1.0)
+    # With the leak, only the first two can be served at agreement 1.0; set aside, all four eligible ones.
+    assert out["offload_in_scope"] == 2 / 5 and out["offload_in_scope_oos_set_aside"] == 4 / 5
+    # The leak's OOD score is above four of the five in-scope ones.
+    assert out["ood_auroc"] == 4 / 5
+    # No tau reaches the target at all: the best-tau keys are None, the other two are still given.
+    never = serving_diagnostics(scores, ood, 1.0, np.zeros(6, bool), in_scope, target=0.5)
+    assert never["tau"] is None and never["offload_in_scope_oos_set_aside"] is None and never["ood_auroc"] == 4 / 5
 
 
 def test_ood_auroc_is_the_share_of_out_of_scope_in_scope_pairs_ranked_right_ties_half() -> None:
