@@ -40,7 +40,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- student: {report['student']}; target agreement {report['target_agreement']}; "
         f"tau {_fmt(report['tau'])}; temperature {_fmt(report['temperature'])}; "
         f"OOD threshold {_fmt(report['router']['ood_threshold'])} "
-        f"(energy mix {_fmt(report['metrics'].get('energy_mix', 0.0))})",
+        f"(energy mix {_fmt(report['metrics']['energy_mix'])})",
         f"- data: {report['data']['records']} records, {report['data']['unique_inputs']} unique inputs, "
         f"{report['data']['declines']} declines; split train {report['data']['train']} / router fit "
         f"{report['data']['router_fit']} / conformal {report['data']['conformal']} / holdout "
