@@ -3,12 +3,16 @@ time-ordered split; and the soft-label solver minimises scikit-learn's weighted-
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from gateway.inference_log import InferenceRecord
+from router_models import softmax_regression
 from router_models.distill_data import Example, soft_targets, time_split, to_examples
-from router_models.softmax_regression import fit_soft_softmax, sparse_targets
+from router_models.softmax_regression import _SparseProducts, fit_soft_softmax, sparse_targets
 
 LABELS = ["balance", "transfer", "weather"]
 
@@ -125,3 +129,50 @@ def test_solver_matches_scikit_learn_on_one_weighted_row_per_label():
     p_ours = np.exp(ours) / np.exp(ours).sum(1, keepdims=True)
     p_theirs = np.exp(theirs) / np.exp(theirs).sum(1, keepdims=True)
     np.testing.assert_allclose(p_ours, p_theirs, atol=2e-3)
+
+
+def _sparse_rows(n: int, f: int, seed: int) -> sp.csr_matrix:
+    """CSR rows with some empty ones, the first and last rows included (their indptr runs are edge cases)."""
+    x = sp.random(n, f, density=0.05, format="lil", dtype=np.float32, random_state=seed)
+    for row in (0, 3, n // 2, n - 1):
+        x[row, :] = 0.0
+    return x.tocsr()
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_the_blocked_sparse_products_equal_scipys(monkeypatch: pytest.MonkeyPatch, blocks: int) -> None:
+    monkeypatch.setattr(softmax_regression, "ROW_BLOCKS", blocks)
+    monkeypatch.setattr(softmax_regression, "MIN_BLOCK_ROWS", 10)
+    x = _sparse_rows(101, 40, seed=blocks)  # 101 rows: blocks of unequal size
+    rng = np.random.default_rng(blocks)
+    w = rng.normal(size=(40, 7)).astype(np.float32)
+    g = rng.normal(size=(101, 7)).astype(np.float32)
+    with ThreadPoolExecutor(blocks) as pool:
+        products = _SparseProducts(x, 7, pool)
+        assert len(products.blocks) == blocks
+        z = np.full((101, 7), np.nan, dtype=np.float32)  # every entry must be written, none left over
+        grad = np.full((40, 7), np.nan, dtype=np.float32)
+        for _ in range(2):  # the preallocated partial sums are reused: a second call must not accumulate
+            products.times(w, z)
+            products.transposed_times(g, grad)
+            np.testing.assert_allclose(z, x @ w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(grad, x.T @ g, rtol=1e-5, atol=1e-6)
+
+
+def test_the_model_does_not_depend_on_the_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads over two row blocks fit the same model as one pass, to float32 rounding (which 40 L-BFGS
+    iterations amplify to about 1e-4 in the weights)."""
+    x = _sparse_rows(400, 60, seed=7)
+    rng = np.random.default_rng(7)
+    logits = x @ rng.normal(size=(60, 4)) * 3.0
+    targets = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    common = {"c": 10.0, "max_iter": 40, "top_k": 4, "min_prob": 0.0}
+    monkeypatch.setattr(softmax_regression, "MIN_BLOCK_ROWS", 100)
+    coef_blocked, bias_blocked, _ = fit_soft_softmax(x, targets, **common)
+    monkeypatch.setattr(softmax_regression, "ROW_BLOCKS", 1)
+    coef_one, bias_one, _ = fit_soft_softmax(x, targets, **common)
+    np.testing.assert_allclose(coef_blocked, coef_one, atol=1e-3)
+    np.testing.assert_allclose(bias_blocked, bias_one, atol=1e-3)
+    p_blocked = np.exp(x @ coef_blocked.T + bias_blocked)
+    p_one = np.exp(x @ coef_one.T + bias_one)
+    np.testing.assert_allclose(p_blocked / p_blocked.sum(1)[:, None], p_one / p_one.sum(1)[:, None], atol=1e-4)
