@@ -13,6 +13,8 @@ GET|DELETE /_stats (hit counters). Faults are driven by request headers so paral
   x-fake-content: TEXT               the assistant's answer text
   x-fake-set-cookie: COOKIE          send `set-cookie: COOKIE` with the answer
   x-fake-gzip: 1                     gzip a whole (non-stream) answer, whatever accept-encoding asked for
+  x-fake-body: TEXT                  answer 200 with exactly TEXT as the (non-stream) body, whatever it is
+  x-fake-sse-nospace: 1              write stream events as `data:{...}`, without the optional space
   x-fake-fail-on: NAME[,NAME]        apply x-fake-fail, -fail-times and -retry-after only on the instances
                                      started with --name NAME (a request fails on a primary, not its fallback)
 The same directives are also read from the chat request's `metadata` object (headers win), for gateways
@@ -174,9 +176,13 @@ class Upstream:
             return Reply(exc.status, error_body(exc.status, exc.message, exc.param, exc.code))
         self.stats[f"model:{plan.model}"] += 1
         if body.get("stream") is not True:
+            if "x-fake-body" in directives:
+                return Reply(200, directives["x-fake-body"].encode())
             return Reply(200, completion_body(plan))
         self.stats["streams"] += 1
         events, tail = stream_events(plan)
+        if directives.get("x-fake-sse-nospace") == "1":
+            events, tail = ([e.replace(b"data: ", b"data:", 1) for e in part] for part in (events, tail))
         cut = directives.get("x-fake-cut-stream-after")
         return Reply(
             200,

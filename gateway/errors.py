@@ -130,6 +130,18 @@ class UpstreamUnavailable(UpstreamError):
         self.upstream = upstream
 
 
+class UpstreamBadAnswer(UpstreamError):
+    """The upstream said 200 but sent something that is not a chat completion (an HTML error page, a list)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_bad_response"
+
+    def __init__(self, upstream: str, detail: str) -> None:
+        super().__init__(f"upstream {upstream} answered with something that is not a chat completion: {detail}")
+        self.upstream = upstream
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "upstream_error"

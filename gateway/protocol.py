@@ -7,6 +7,7 @@ field instead of an upstream round trip.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -64,6 +65,8 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     seed: JsonInt | None = None
     stop: str | list[str] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
 
 def _is_branch(part: str) -> bool:
@@ -126,4 +129,35 @@ def task_input_text(request: ChatCompletionRequest, mode: str) -> str | None:
             texts.append("\n".join(p for p in parts if isinstance(p, str)))
     if not texts:
         return None
-    return texts[-1] if mode == "last_user_message" else "\n".join(texts)
+    return _valid_unicode(texts[-1] if mode == "last_user_message" else "\n".join(texts))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (which JSON escapes allow, see `jsoncodec`) replaced by U+FFFD: the router's
+    ONNX graph and the input hash need text that UTF-8 can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)  # JSON's parser joined every valid pair: these are alone
+    return text
+
+
+def sse_data(line: str) -> str | None:
+    """The value of an SSE `data` line, or None for any other line. The field name may be followed by one
+    optional space ("data: {...}" and "data:{...}" are the same event), as the SSE specification says."""
+    if not line.startswith("data:"):
+        return None
+    return line[6:] if line.startswith(" ", 5) else line[5:]
+
+
+def usage_of(data: Any) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) of a completion or chunk; None for what is missing or not an integer."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None, None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    valid = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None for v in (p, c)]
+    return valid[0], valid[1]

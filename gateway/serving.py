@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from gateway import jsoncodec
 from gateway.errors import ModelNotFound, UpstreamError, sse_error_event
 from gateway.metrics import Metrics
 from gateway.pricing import PriceBook
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, sse_data, usage_of
 from gateway.settings import Settings
 from gateway.upstream import Stream, TeacherClient
 
@@ -35,14 +35,6 @@ class Timer:
 
     def overhead_ms(self, upstream_s: float) -> str:
         return f"{max(0.0, self.elapsed() - upstream_s) * 1000:.3f}"
-
-
-def usage_of(data: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        return None, None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (p if isinstance(p, int) else None, c if isinstance(c, int) else None)
 
 
 class ModelTable:
@@ -165,9 +157,10 @@ class Passthrough:
         status = 200
         try:
             async for line in stream.lines():
-                if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
+                data = sse_data(line)
+                if data is not None and data.startswith("{") and '"usage":{' in data.replace(" ", ""):
                     with contextlib.suppress(ValueError):
-                        prompt, completion = usage_of(jsoncodec.loads(line[6:]))
+                        prompt, completion = usage_of(jsoncodec.loads(data))
                 yield line.encode() + b"\n"
         except UpstreamError as exc:
             status = exc.status

@@ -148,6 +148,10 @@ class TaskConfig(_Strict):
     # without those packages; on CLINC150 that served 68.6% of in-scope inputs at 0.97 agreement, against 75.6%.
     word_vectors: bool = True
     system_prompt: str | None = None
+    # Longer inputs go to the teacher (reason unsupported_request). The specialist runs on the event loop, and
+    # the TF-IDF student's character n-grams cost about 0.3 us per character: one 3.7 MB message held every
+    # other request of its worker for a second. Intents and tickets are far shorter.
+    max_input_chars: int = Field(default=8192, ge=1)
 
     @field_validator("labels")
     @classmethod

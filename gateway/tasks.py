@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +51,11 @@ class TaskState:
     served: int = 0
 
 
+# Content parts the specialist reads as text (an assistant's refusal is text too). It cannot see the others
+# (images, audio, files), so a request that holds one goes to the teacher.
+TEXT_PARTS = frozenset({"text", "refusal"})
+
+
 def unsupported(request: ChatCompletionRequest) -> str | None:
     """Why the specialist cannot honour this request (it answers one label as plain text), or None."""
     if request.n not in (None, 1):
@@ -59,7 +65,23 @@ def unsupported(request: ChatCompletionRequest) -> str | None:
     fmt = request.response_format
     if fmt is not None and fmt.get("type") not in (None, "text"):
         return "response_format"
+    if request.audio is not None or any(m != "text" for m in request.modalities or ()):
+        return "audio output"
+    for message in request.messages:
+        if isinstance(message.content, list) and any(p.type not in TEXT_PARTS for p in message.content):
+            return "non-text input"
     return None
+
+
+def over_token_cap(request: ChatCompletionRequest, label: str, estimator: TokenEstimator) -> bool:
+    """Whether answering `label` may break the client's max_tokens / max_completion_tokens. The teacher would
+    cut such an answer short (finish_reason "length"); the specialist cannot, so the teacher answers. The
+    label's length is the larger of the usage the specialist would report and a quarter of its characters: the
+    task's mean answer length can be shorter than this label."""
+    caps = [c for c in (request.max_tokens, request.max_completion_tokens) if c is not None]
+    if not caps:
+        return False
+    return max(estimator.estimate(request, label)[1], math.ceil(len(label) / 4)) > min(caps)
 
 
 class TaskService:
@@ -176,7 +198,7 @@ class TaskService:
             reason = "forced"
         elif specialist is None:
             reason = "no_specialist"
-        elif text is None or unsupported(request) is not None:
+        elif text is None or unsupported(request) is not None or len(text) > task.max_input_chars:
             reason = "unsupported_request"
         else:
             # The distribution is only needed for logprobs; skipping it saves a sort per request.
@@ -184,10 +206,15 @@ class TaskService:
             decision = specialist.decide(text, top_k=top_k)
             self.metrics.child(self.metrics.specialist_latency, task.name).observe(decision.inference_ms / 1000)
             self.metrics.child(self.metrics.router_score, task.name).observe(decision.score)
-            if decision.route == "specialist" or force == "specialist":
+            capped = (
+                decision.route == "specialist"
+                and force != "specialist"
+                and over_token_cap(request, decision.label, state.estimator)
+            )
+            if (decision.route == "specialist" and not capped) or force == "specialist":
                 state.served += 1
                 return self._specialist(state, specialist, decision, raw, request, text or "", timer, force)
-            reason = decision.reason
+            reason = "unsupported_request" if capped else decision.reason
         try:
             return await self._teacher(state, raw, request, text or "", timer, reason, decision, specialist)
         except UpstreamError as exc:
@@ -258,7 +285,7 @@ class TaskService:
         want = self.teacher.upstreams[upstream].config.supports_logprobs
         t0 = time.perf_counter()
         done = await self.teacher.complete(upstream, teacher_body(raw, task.teacher, want_logprobs=want, stream=False))
-        data = done.json()
+        data = done.chat_completion()
         reading = read_completion(data)
         # Shadow calls are real teacher spend: counted in the cost metric under their own route.
         self.accounting.teacher_cost(
@@ -316,7 +343,7 @@ class TaskService:
             return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
 
         done = await self.teacher.complete(upstream, body)
-        data = done.json()
+        data = done.chat_completion()
         reading = read_completion(data)
         self._record(state, raw, text, reading, data, "teacher", reason, decision, version, done.status, t0)
         data = json.loads(done.content)  # a fresh copy: the log keeps the teacher's logprobs

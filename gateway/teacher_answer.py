@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, sse_data, usage_of
 from gateway.softlabels import LabelSet, label_distribution
 
 TEACHER_TOP_LOGPROBS = 20
@@ -88,16 +88,14 @@ class TeacherReading:
 def read_completion(data: dict[str, Any]) -> TeacherReading:
     reading = TeacherReading()
     choices = data.get("choices") or []
-    if choices and isinstance(choices[0], dict):
-        message = choices[0].get("message") or {}
-        content = message.get("content")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        content = message.get("content") if isinstance(message, dict) else None
         reading.text = content if isinstance(content, str) else ""
-        logprobs = choices[0].get("logprobs") or {}
-        reading.logprobs = list(logprobs.get("content") or [])
-    usage = data.get("usage") or {}
-    if isinstance(usage, dict):
-        reading.prompt_tokens = usage.get("prompt_tokens")
-        reading.completion_tokens = usage.get("completion_tokens")
+        logprobs = choices[0].get("logprobs")
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        reading.logprobs = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    reading.prompt_tokens, reading.completion_tokens = usage_of(data)
     return reading
 
 
@@ -111,10 +109,11 @@ class StreamRewriter:
 
     def rewrite(self, line: str) -> bytes | None:
         """The bytes to send for one SSE line, or None to send nothing."""
-        if not line.startswith("data: {"):
+        data = sse_data(line)
+        if data is None or not data.startswith("{"):
             return line.encode() + b"\n"
         try:
-            chunk = json.loads(line[6:])
+            chunk = json.loads(data)
         except ValueError:
             return line.encode() + b"\n"
         self._read(chunk)
@@ -123,21 +122,23 @@ class StreamRewriter:
             if not chunk.get("choices") and chunk.get("usage"):
                 return None  # the usage chunk the gateway asked for on its own behalf
             chunk.pop("usage", None)
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
             if isinstance(choice, dict):
                 fit_logprobs_to_client(choice, self.request)
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
 
     def _read(self, chunk: dict[str, Any]) -> None:
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.reading.prompt_tokens = usage.get("prompt_tokens")
-            self.reading.completion_tokens = usage.get("completion_tokens")
-        for choice in chunk.get("choices") or []:
+        if isinstance(chunk.get("usage"), dict):
+            self.reading.prompt_tokens, self.reading.completion_tokens = usage_of(chunk)
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 self.reading.text += delta["content"]
-            logprobs = choice.get("logprobs") or {}
-            self.reading.logprobs.extend(logprobs.get("content") or [])
+            logprobs = choice.get("logprobs")
+            entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+            if isinstance(entries, list):
+                self.reading.logprobs.extend(e for e in entries if isinstance(e, dict))

@@ -26,12 +26,14 @@ from yarl import URL
 from gateway import __version__, jsoncodec
 from gateway.errors import (
     ApiError,
+    UpstreamBadAnswer,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.metrics import Metrics
+from gateway.protocol import sse_data
 from gateway.settings import Settings, UpstreamConfig
 from gateway.transport import AiohttpTransport, client_timeout
 
@@ -84,6 +86,19 @@ class Completion:
         data = jsoncodec.loads(self.content)
         return data if isinstance(data, dict) else {}
 
+    def chat_completion(self) -> dict[str, Any]:
+        """The answer as a chat completion object, or UpstreamBadAnswer (502) for a body a task cannot read:
+        not JSON, not an object, or `choices` that is not a list."""
+        try:
+            data = jsoncodec.loads(self.content)
+        except ValueError:
+            raise UpstreamBadAnswer(self.upstream, f"not JSON: {self.content[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise UpstreamBadAnswer(self.upstream, f"a JSON {type(data).__name__}, not an object")
+        if not isinstance(data.get("choices", []), list):
+            raise UpstreamBadAnswer(self.upstream, "'choices' is not a list")
+        return data
+
 
 @dataclass(slots=True)
 class Stream:
@@ -114,7 +129,7 @@ class Stream:
                     raise UpstreamTimeout(self.upstream, "the total deadline passed mid-stream") from exc
                 finally:
                     self.upstream_s += time.perf_counter() - t0
-                if line == "data: [DONE]":
+                if sse_data(line) == "[DONE]":
                     saw_done = True
                 yield line
         except httpx.TimeoutException as exc:

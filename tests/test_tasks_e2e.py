@@ -8,9 +8,11 @@ the logprobs distill needs and giving the client only what it asked for, and lan
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from procs import metric_total
@@ -340,3 +342,103 @@ def test_each_task_exports_its_target_agreement_for_the_alert_rules(stack: TaskS
     default = TaskConfig.model_fields["target_agreement"].default
     assert metric_total(samples, "apprentice_target_agreement", task="intent") == default
     assert metric_total(samples, "apprentice_target_agreement", task="intent_empty") == EMPTY_TASK_TARGET
+
+
+# -- requests the specialist must leave to the teacher, and teachers that misbehave ------------------------------
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["image", "audio_out", "max_tokens", "max_completion_tokens", "too_long"],
+)
+def test_a_confident_input_in_a_request_the_specialist_cannot_honour_goes_to_the_teacher(
+    stack: TaskStack, marker: str, shape: str
+) -> None:
+    """An image it cannot see, audio it cannot speak, a token cap its label would break, an input beyond
+    max_input_chars: each goes to the teacher, where the same text alone is served by the specialist."""
+    text, label = next((t, lab) for t, lab in stack.confident if len(lab) > 4)  # over one token by chars/4
+    messages: list[dict[str, Any]] = [{"role": "user", "content": text}]
+    extra: dict[str, Any] = {}
+    if shape == "image":
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}, IMAGE_PART]}]
+    elif shape == "audio_out":
+        extra = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+    elif shape in ("max_tokens", "max_completion_tokens"):
+        extra = {shape: 1}
+    else:
+        limit: int = TaskConfig.model_fields["max_input_chars"].default
+        messages = [{"role": "user", "content": (text + " ") * (limit // len(text) + 1)}]
+    body = {"model": "intent", "messages": messages, "user": marker, "metadata": {"x-fake-content": label}, **extra}
+    with httpx.Client(base_url=stack.gateway.url, headers={"authorization": f"Bearer {CLIENT_KEY}"}) as http:
+        served = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text)})
+        assert served.headers["x-apprentice-route"] == "specialist", "the text alone must be the specialist's"
+        if shape.startswith("max"):
+            generous = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text), shape: 50})
+            assert generous.headers["x-apprentice-route"] == "specialist", "a cap the label fits in changes nothing"
+        resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    route = (resp.headers["x-apprentice-route"], resp.headers["x-apprentice-reason"])
+    assert route == ("teacher", "unsupported_request")
+    assert resp.json()["choices"][0]["message"]["content"] == label
+    (sent,) = stack.sent_to_teacher(marker)
+    assert sent["messages"] == messages and all(sent[k] == v for k, v in extra.items())
+
+
+@pytest.mark.parametrize("task", ["intent", "intent_empty"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_lone_surrogate_in_the_input_is_answered_and_logged(
+    stack: TaskStack, marker: str, task: str, stream: bool
+) -> None:
+    """JavaScript clients cut strings mid-emoji; the JSON escape of half a surrogate pair is valid JSON. The
+    router and the log read it as U+FFFD; the teacher gets the client's text as it was sent."""
+    text, label = stack.confident[0]
+    body = {"model": task, "user": marker, "stream": stream, "metadata": {"x-fake-content": label}}
+    body["messages"] = [{"role": "user", "content": f"{text} HALF"}]
+    raw = json.dumps(body).replace("HALF", "\\ud83d")
+    headers = {"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"}
+    resp = httpx.post(stack.gateway.url + "/v1/chat/completions", content=raw.encode(), headers=headers, timeout=20)
+    assert resp.status_code == 200, resp.text
+    if stream:
+        assert resp.text.rstrip().endswith("data: [DONE]") and '"error"' not in resp.text
+    if resp.headers["x-apprentice-route"] == "teacher":
+        (record,) = stack.records(task, marker)
+        assert record.input_text == f"{text} \ufffd" and record.teacher_label == label and record.status == 200
+        (sent,) = stack.sent_to_teacher(marker)
+        assert sent["messages"][0]["content"] == f"{text} \ud83d"
+    else:
+        assert task == "intent" and resp.headers["x-apprentice-reason"] == "specialist"
+
+
+@pytest.mark.parametrize("answer", ["<html>Bad gateway</html>", "[]", '{"choices": "none"}'])
+def test_a_teacher_answer_that_is_not_a_chat_completion_is_a_502(
+    stack: TaskStack, client: openai.OpenAI, answer: str
+) -> None:
+    labels = {"model": "intent", "route": "teacher", "reason": "ood", "status": "502"}
+    before = stack.metric("apprentice_requests_total", **labels)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="intent", messages=user(OOD_TEXTS[0]), metadata={"x-fake-body": answer})
+    assert caught.value.status_code == 502
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "upstream_bad_response"
+    assert stack.metric("apprentice_requests_total", **labels) == before + 1
+
+
+def test_a_teacher_stream_without_the_space_after_data_is_read_and_rewritten(
+    stack: TaskStack, client: openai.OpenAI, marker: str
+) -> None:
+    """`data:{...}` is the same SSE event as `data: {...}`: the gateway still strips what the client did not ask
+    for, rewrites the model and logs the answer; the stream ends cleanly on `data:[DONE]`."""
+    chunks = list(
+        client.chat.completions.create(
+            model="intent", messages=user(OOD_TEXTS[0]), user=marker, stream=True,
+            metadata={"x-fake-content": "timer", "x-fake-sse-nospace": "1"},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "timer"
+    assert all(c.choices and c.usage is None and c.model == "intent" for c in chunks)
+    assert all(c.choices[0].logprobs is None for c in chunks)
+    (record,) = stack.records("intent", marker)
+    assert (record.status, record.teacher_text, record.teacher_label) == (200, "timer", "timer")
+    assert record.completion_tokens == 1
