@@ -7,6 +7,7 @@ when it runs, so `apprentice serve` never pays for scikit-learn and `apprentice 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -151,6 +152,22 @@ def registry_list(
         )
 
 
+def _gateway_check(settings: Settings, task: str) -> Callable[[Path], None]:
+    """The gateway's own loader as the registry's version check: what it would refuse is never made current."""
+    from gateway.specialist import Specialist, SpecialistLoadError
+    from router_models.registry import RegistryError
+
+    labels = list(settings.tasks[task].labels)
+
+    def check(version_dir: Path) -> None:
+        try:
+            Specialist.load(version_dir, task=task, labels=labels)
+        except SpecialistLoadError as exc:
+            raise RegistryError(f"gateways would refuse version {version_dir.name}: {exc}") from exc
+
+    return check
+
+
 @registry_app.command("promote")
 def registry_promote(
     task: Annotated[str, typer.Option(help="The task.")],
@@ -163,7 +180,7 @@ def registry_promote(
     settings = _settings(config)
     _task(settings, task)
     try:
-        previous = promote(settings.registry.path, task, version)
+        previous = promote(settings.registry.path, task, version, check=_gateway_check(settings, task))
     except RegistryError as exc:
         _fail(str(exc))
     typer.echo(f"{task}: current is now {version} (was {previous})")
@@ -180,7 +197,7 @@ def registry_rollback(
     settings = _settings(config)
     _task(settings, task)
     try:
-        version = rollback(settings.registry.path, task)
+        version = rollback(settings.registry.path, task, check=_gateway_check(settings, task))
     except RegistryError as exc:
         _fail(str(exc))
         return

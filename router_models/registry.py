@@ -20,10 +20,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ CURRENT = "current"
 HISTORY = "history.jsonl"
 LOCK = ".lock"
 VERSIONS = "versions"
+log = logging.getLogger("apprentice.registry")
 
 
 class RegistryError(RuntimeError):
@@ -109,15 +111,36 @@ def task_lock(registry_dir: Path, task: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _verify(version_dir: Path) -> Manifest:
+# A deeper check of a version before `current` may point at it: the CLI passes the gateway's own loader, so
+# that a version every gateway would refuse (labels that differ from the config, a graph that does not run)
+# is never promoted. It raises RegistryError to refuse.
+VersionCheck = Callable[[Path], None]
+
+
+def _verify(version_dir: Path, task: str, check: VersionCheck | None = None) -> Manifest:
+    """The version's manifest, once the version is complete, is for `task`, is named as its directory, and its
+    model has the manifest's sha256 (and `check` accepts it); else RegistryError."""
     manifest_path = version_dir / "manifest.json"
     model_path = version_dir / "model.onnx"
     if not manifest_path.is_file() or not model_path.is_file():
         raise VersionNotFoundError(f"{version_dir} is not a complete version (model.onnx + manifest.json)")
-    manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        first = str(exc).splitlines()[:3]
+        raise RegistryError(f"{manifest_path} is not a valid manifest: {' '.join(first)}") from exc
+    if manifest.task != task:
+        raise RegistryError(f"{manifest_path} is for task {manifest.task!r}, not {task!r}")
+    if manifest.version != version_dir.name:
+        raise RegistryError(
+            f"{manifest_path} names version {manifest.version!r}, but its directory is {version_dir.name!r}; "
+            "gateways refuse such a version (copy a version under its own name, or write a new one)"
+        )
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     if digest != manifest.model_sha256:
         raise RegistryError(f"{model_path} has sha256 {digest}, manifest says {manifest.model_sha256}")
+    if check is not None:
+        check(version_dir)
     return manifest
 
 
@@ -197,7 +220,9 @@ def _set_current(registry_dir: Path, task: str, version: str, action: str) -> st
     return previous
 
 
-def promote(registry_dir: Path, task: str, version: str, *, lock: bool = True) -> str | None:
+def promote(
+    registry_dir: Path, task: str, version: str, *, lock: bool = True, check: VersionCheck | None = None
+) -> str | None:
     """Point `current` at a complete, verified version; returns the version it replaced.
 
     `lock=False` is for a caller that already holds `task_lock` (distill)."""
@@ -205,7 +230,7 @@ def promote(registry_dir: Path, task: str, version: str, *, lock: bool = True) -
     if not version_dir.is_dir():
         raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {version_dir.parent}")
     with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
-        _verify(version_dir)
+        _verify(version_dir, task, check)
         return _set_current(registry_dir, task, version, "promote")
 
 
@@ -221,7 +246,7 @@ def _promotion_stack(registry_dir: Path, task: str) -> list[str]:
     return stack
 
 
-def rollback(registry_dir: Path, task: str, *, lock: bool = True) -> str:
+def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: VersionCheck | None = None) -> str:
     """Return `current` to the version it replaced (repeatable: each call goes one promotion further back).
 
     Returns the version now current. Falls back to the newest complete version older than the current one
@@ -239,8 +264,9 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True) -> str:
             candidates = older[::-1]
         for target in candidates:
             try:
-                _verify(task_dir(registry_dir, task) / VERSIONS / target)
-            except RegistryError:
+                _verify(task_dir(registry_dir, task) / VERSIONS / target, task, check)
+            except RegistryError as exc:
+                log.warning("rollback of %s skips %s: %s", task, target, exc)
                 continue
             _set_current(registry_dir, task, target, "rollback")
             return target

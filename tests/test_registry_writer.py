@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.manifest import Manifest, RouterSpec, TextInput
 from router_models.export import make_manifest
@@ -156,3 +158,76 @@ def test_the_lock_keeps_a_second_run_out_and_is_released_when_the_holder_exits(t
     with task_lock(tmp_path, TASK):
         promote(tmp_path, TASK, v1, lock=False)  # a holder can still promote
     assert current_version(tmp_path, TASK) == v1
+
+
+def test_promote_refuses_a_version_gateways_would_refuse_for_its_name_or_task(tmp_path):
+    """A version copied under another name, or one whose manifest is another task's: every gateway refuses
+    it, so `current` must not move to it (a replica that restarts would serve nothing)."""
+    v1 = _version(tmp_path, 1)
+    promote(tmp_path, TASK, v1)
+    versions = tmp_path / TASK / "versions"
+    shutil.copytree(versions / v1, versions / "hotfix1")
+    with pytest.raises(RegistryError, match="its directory is 'hotfix1'"):
+        promote(tmp_path, TASK, "hotfix1")
+    other = tmp_path / "sentiment" / "versions"
+    other.mkdir(parents=True)
+    shutil.copytree(versions / v1, other / v1)
+    with pytest.raises(RegistryError, match="is for task 'intent', not 'sentiment'"):
+        promote(tmp_path, "sentiment", v1)
+    assert current_version(tmp_path, TASK) == v1 and current_version(tmp_path, "sentiment") is None
+
+
+def test_a_check_that_refuses_keeps_current_where_it_was(tmp_path):
+    v1, v2 = _version(tmp_path, 1), _version(tmp_path, 2)
+    promote(tmp_path, TASK, v1)
+
+    def refuse(version_dir: Path) -> None:
+        raise RegistryError(f"no: {version_dir.name}")
+
+    with pytest.raises(RegistryError, match=f"no: {v2}"):
+        promote(tmp_path, TASK, v2, check=refuse)
+    assert current_version(tmp_path, TASK) == v1
+
+
+def test_rollback_skips_a_version_whose_manifest_is_corrupt(tmp_path):
+    v1, v2, v3 = (_version(tmp_path, n) for n in (1, 2, 3))
+    for v in (v1, v2, v3):
+        promote(tmp_path, TASK, v)
+    (tmp_path / TASK / "versions" / v2 / "manifest.json").write_text('{"task": "intent", "trunc')
+    assert rollback(tmp_path, TASK) == v1
+    (tmp_path / TASK / "versions" / v1 / "manifest.json").write_text('{"schema_version": 99}')
+    promote(tmp_path, TASK, v3)
+    with pytest.raises(RegistryError, match="no earlier complete version"):
+        rollback(tmp_path, TASK)
+    assert current_version(tmp_path, TASK) == v3
+
+
+def test_the_cli_refuses_to_promote_or_roll_back_to_what_the_gateway_would_not_load(tmp_path):
+    """`apprentice registry promote` and `rollback` load a version as a gateway would: a real model whose labels
+    are not the config's is refused with the gateway's reason (promote: exit code 2, `current` stays), and
+    rollback passes over it to the version before."""
+    from task_stack import INTENTS, put_version
+
+    registry = tmp_path / "registry"
+    older = put_version(registry, TASK, promote=False)
+    other = put_version(registry, TASK, labels=[*INTENTS[:-1], "not_configured"], promote=False)
+    newest = put_version(registry, TASK, promote=False)
+    for version in (older, other, newest):
+        promote(registry, TASK, version)  # the library alone checks only what it can without the gateway
+    config = tmp_path / "apprentice.yaml"
+    config.write_text(
+        yaml.safe_dump({"tasks": {TASK: {"teacher": "gpt-4o", "labels": INTENTS}}, "registry": {"path": str(registry)}})
+    )
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "router_models.cli", "registry", *args, "--task", TASK]
+        return subprocess.run([*command, "--config", str(config)], capture_output=True, text=True, env=env, cwd=REPO)
+
+    refused = cli("promote", other)
+    assert refused.returncode == 2, refused.stderr
+    assert f"gateways would refuse version {other}" in refused.stderr and "not_configured" in refused.stderr
+    assert current_version(registry, TASK) == newest
+    rolled = cli("rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert current_version(registry, TASK) == older, "rollback must pass over the version gateways refuse"
