@@ -17,12 +17,12 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, or_, select
+from sqlalchemy import Connection, Engine, Text, and_, cast, create_engine, delete, event, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -131,7 +131,13 @@ class LogStore:
         return len(rows)
 
     def iter_records(
-        self, task: str, since: float | None = None, until: float | None = None, *, bodies: bool = True
+        self,
+        task: str,
+        since: float | None = None,
+        until: float | None = None,
+        *,
+        bodies: bool = True,
+        on_bad_row: Callable[[str, str], None] | None = None,
     ) -> Iterator[InferenceRecord]:
         """The task's records with since <= created_at < until, oldest first, read chunk_size rows at a time.
 
@@ -139,9 +145,15 @@ class LogStore:
         transaction open (SQLite WAL could not checkpoint under one) and rows inserted meanwhile are seen.
         `bodies=False` leaves the request and response JSON unread (records carry `{}` and None): distill
         needs neither, and decoding them was a quarter of its time on 100k rows.
+
+        With `on_bad_row`, a row whose label distribution is not a JSON object of numbers (a row edited by
+        hand, or written by another tool: SQLite checks no JSON) is passed over: `on_bad_row(id, why)` is
+        called and the scan goes on. Without it such a row raises, as a decoding error would.
         """
         table = inference_log
-        columns = list(table.c) if bodies else [c for c in table.c if c.name not in ("request", "response")]
+        columns: list[Any] = list(table.c) if bodies else [c for c in table.c if c.name not in ("request", "response")]
+        if on_bad_row is not None:  # read as text and decode row by row, so one bad row does not fail its chunk
+            columns = [cast(c, Text).label(c.name) if c.name == "label_distribution" else c for c in columns]
         window = [table.c.task == task]
         if since is not None:
             window.append(table.c.created_at >= since)
@@ -164,7 +176,14 @@ class LogStore:
             with self._engine.connect() as conn:
                 rows = conn.execute(statement).mappings().all()
             for row in rows:
-                yield row_to_record(row) if bodies else row_to_record({**row, "request": {}, "response": None})
+                values = dict(row) if bodies else {**row, "request": {}, "response": None}
+                if on_bad_row is not None:
+                    try:
+                        values["label_distribution"] = _distribution(values["label_distribution"])
+                    except ValueError as exc:
+                        on_bad_row(str(row["id"]), f"label_distribution {exc}")
+                        continue
+                yield row_to_record(values)
             if len(rows) < self.chunk_size:
                 return
             after = (rows[-1]["created_at"], rows[-1]["id"])
@@ -194,6 +213,29 @@ class LogStore:
     def close(self) -> None:
         """Close pooled connections (the store can still be used afterwards; it reconnects)."""
         self._base_engine.dispose()
+
+
+def _distribution(raw: str | None) -> dict[str, float] | None:
+    """A label distribution read as text: None, or a JSON object of label -> number; else ValueError."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"is not JSON ({exc})") from None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"is a JSON {type(value).__name__}, not an object")
+    out: dict[str, float] = {}
+    for label, p in value.items():
+        try:
+            if isinstance(p, bool | dict | list):
+                raise TypeError
+            out[str(label)] = float(p)  # a number, or a number written as a string
+        except (TypeError, ValueError):
+            raise ValueError(f"gives {label!r} the value {p!r}, not a number") from None
+    return out
 
 
 def _enable_wal(cursor: Any, timeout_s: float) -> None:

@@ -179,6 +179,18 @@ class LogConfig(_Strict):
     flush_interval_s: float = Field(default=0.25, gt=0)
     redact: bool = False
 
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme == "sqlite" or scheme.startswith("postgresql") or url.startswith("memory:"):
+            return url
+        hint = " (postgres:// is not a SQLAlchemy scheme: write postgresql://)" if scheme == "postgres" else ""
+        raise ValueError(
+            f"unsupported log store URL scheme {scheme or url!r}{hint}: use sqlite:///PATH, "
+            "postgresql://USER@HOST/DB or memory://"
+        )
+
 
 class ModelPrice(_Strict):
     input_per_mtok: float = Field(ge=0)
@@ -257,6 +269,44 @@ def _format_error(exc: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}):\n" + "\n".join(lines)
 
 
+def _check_env_case(data: dict[str, Any], path: Path) -> None:
+    """Environment variable names are read without case, so APPRENTICE_UPSTREAMS__TEACHER__API_BASE always
+    names the upstream `teacher`. Aimed at a file's `Teacher`, it would add a second, incomplete entry and leave
+    the file's unchanged, without a word; refuse that instead."""
+    for section in ("upstreams", "tasks"):
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        prefix = f"APPRENTICE_{section.upper()}__"
+        named = {
+            var[len(prefix) :].split("__", 1)[0].lower(): var for var in os.environ if var.upper().startswith(prefix)
+        }
+        for key in entries:
+            if isinstance(key, str) and key != key.lower() and key.lower() in named:
+                raise ConfigError(
+                    f"config file {path}: {section}.{key}: the environment variable {named[key.lower()]} names "
+                    f"{key.lower()!r}, not {key!r} (environment variable names are read without case); give it "
+                    "a lower-case name in the file to override it from the environment"
+                )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `tasks:` block would drop every task of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key != "<<" and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} is given twice (first {seen[key]})", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Settings from `path` (YAML), then APPRENTICE_* env vars, then keyword overrides; fails with ConfigError."""
     source = "defaults and environment"
@@ -265,11 +315,12 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
+        _check_env_case(data or {}, path)
     settings_cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}})
     try:
         return settings_cls(**overrides)  # type: ignore[no-any-return]

@@ -214,13 +214,24 @@ def log_prune(
     config: ConfigOpt = None,
 ) -> None:
     """Delete inference-log records older than a duration."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.durations import parse_duration
     from gateway.logstore import prune_log
 
     settings = _settings(config)
     try:
-        removed = prune_log(settings.log.url, older_than)
+        parse_duration(older_than)
     except ValueError as exc:
         _fail(f"--older-than: {exc}")
+        return
+    try:
+        removed = prune_log(settings.log.url, older_than)
+    except (ValueError, OSError) as exc:
+        _fail(f"log.url: {exc}")
+        return
+    except SQLAlchemyError as exc:
+        _fail(f"cannot prune the inference log: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}")
         return
     typer.echo(f"removed {removed} records older than {older_than}")
 

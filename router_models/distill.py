@@ -16,6 +16,7 @@ anything that prevents a sound decision raises DistillError.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -47,6 +48,8 @@ from router_models.registry import (
 )
 from router_models.report import report_files
 from router_models.student_kinds import build_student, export_student
+
+log = logging.getLogger("apprentice.distill")
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -273,10 +276,21 @@ def run_distill(
         if not dry_run:
             remove_stale_temporaries(registry_dir, task)  # left by a run that crashed mid-write
         with steps.step("read log"):
+            bad_rows: list[tuple[str, str]] = []
             try:
-                source = list(records) if records is not None else read_log(settings, task, since)
+                source = (
+                    list(records)
+                    if records is not None
+                    else read_log(settings, task, since, on_bad_row=lambda i, why: bad_rows.append((i, why)))
+                )
             except (OSError, ValueError) as exc:
                 raise DistillError(f"cannot read the inference log: {exc}") from exc
+            if bad_rows:
+                row_id, why = bad_rows[0]
+                log.warning(
+                    "distill %s: passed over %d log row(s) that cannot be read; the first, id %s: %s",
+                    task, len(bad_rows), row_id, why,
+                )  # fmt: skip
             examples, n_records = to_examples(source, task, labels, since, shadow_rate=task_cfg.shadow_rate)
         with _encoder_required(task, kind):
             fitted = fit_specialist(
@@ -337,6 +351,7 @@ def run_distill(
             "until": _iso(examples[-1].created_at) if examples else None,
             "records": n_records,
             "unique_inputs": len(examples),
+            "unreadable_rows": len(bad_rows),
         }
         manifest = make_manifest(
             task=task,

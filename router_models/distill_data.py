@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,15 +43,29 @@ class Split:
     holdout: list[Example]
 
 
-def read_log(settings: Settings, task: str, since: float | None) -> list[InferenceRecord]:
-    """The task's records from the configured log store (settings.log.url), oldest first."""
+def read_log(
+    settings: Settings, task: str, since: float | None, on_bad_row: Callable[[str, str], None] | None = None
+) -> list[InferenceRecord]:
+    """The task's records from the configured log store (settings.log.url), oldest first. Raises ValueError
+    naming the store when it cannot be read; rows that cannot be decoded go to `on_bad_row(id, why)`."""
     if settings.log.url.startswith("memory:"):
         raise ValueError("the inference log is memory:// (nothing is kept); configure log.url to distill")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     from gateway.logstore import LogStore
 
+    url = make_url(settings.log.url)
+    database = url.database or ""
+    local_file = url.get_backend_name() == "sqlite" and database and not database.startswith("file:")
+    if local_file and not Path(database).is_file():  # a mistyped path: say so, and create nothing there
+        raise ValueError(f"there is no inference log at {database} (log.url); has a gateway with this config run?")
     store = LogStore(settings.log.url, chunk_size=10000)
     try:
-        return list(store.iter_records(task, since, bodies=False))
+        return list(store.iter_records(task, since, bodies=False, on_bad_row=on_bad_row))
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ValueError(f"{store.url}: {detail}") from exc
     finally:
         store.close()
 

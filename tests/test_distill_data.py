@@ -4,14 +4,16 @@ time-ordered split; and the soft-label solver minimises scikit-learn's weighted-
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from gateway.inference_log import InferenceRecord
+from gateway.settings import LogConfig, Settings, TaskConfig
 from router_models import softmax_regression
-from router_models.distill_data import Example, soft_targets, time_split, to_examples
+from router_models.distill_data import Example, read_log, soft_targets, time_split, to_examples
 from router_models.softmax_regression import _SparseProducts, fit_soft_softmax, sparse_targets
 
 LABELS = ["balance", "transfer", "weather"]
@@ -176,3 +178,22 @@ def test_the_model_does_not_depend_on_the_row_blocks(monkeypatch: pytest.MonkeyP
     p_blocked = np.exp(x @ coef_blocked.T + bias_blocked)
     p_one = np.exp(x @ coef_one.T + bias_one)
     np.testing.assert_allclose(p_blocked / p_blocked.sum(1)[:, None], p_one / p_one.sum(1)[:, None], atol=1e-4)
+
+
+def _log_settings(url: str) -> Settings:
+    return Settings(tasks={"intent": TaskConfig(name="intent", teacher="m", labels=LABELS)}, log=LogConfig(url=url))
+
+
+def test_reading_a_log_that_is_not_there_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "inference.db"
+    with pytest.raises(ValueError, match=f"there is no inference log at {missing}"):
+        read_log(_log_settings(f"sqlite:///{missing}"), "intent", None)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_reading_an_unreachable_postgresql_names_the_store_without_its_password() -> None:
+    url = "postgresql+psycopg://apprentice:s3cret@127.0.0.1:1/test"
+    with pytest.raises(ValueError) as caught:
+        read_log(_log_settings(url), "intent", None)
+    message = str(caught.value)
+    assert message.startswith("postgresql+psycopg://apprentice:***@127.0.0.1:1/test: ") and "s3cret" not in message

@@ -220,3 +220,35 @@ def test_no_data_is_an_error_not_a_silent_success(tmp_path, slice_records):
     labels, _ = slice_records
     with pytest.raises(DistillError, match="not enough teacher-labelled data"):
         run_distill(_settings(tmp_path, labels), TASK, since_s=None, dry_run=False, records=[], progress=False)
+
+
+def test_rows_that_cannot_be_read_are_passed_over_and_counted_not_fatal(tmp_path, slice_records, caplog):
+    """One hand-edited row used to stop every nightly distill of its task; now it is skipped, named in a
+    warning and counted in the report."""
+    import sqlite3
+
+    labels, records = slice_records
+    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
+    store.migrate()
+    store.insert_many(records)
+    store.close()
+    labelled = [r for r in records if r.label_distribution]
+    with sqlite3.connect(tmp_path / "inference.db") as conn:
+        conn.execute("UPDATE inference_log SET label_distribution = '{\"a\": 0.9' WHERE id = ?", (labelled[0].id,))
+        conn.execute("UPDATE inference_log SET label_distribution = '[[\"a\", 0.9]]' WHERE id = ?", (labelled[1].id,))
+    with caplog.at_level("WARNING", logger="apprentice.distill"):
+        outcome = run_distill(_settings(tmp_path, labels), TASK, since_s=None, dry_run=True, progress=False)
+    assert outcome.report_dir is not None
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    assert report["data"]["unreadable_rows"] == 2
+    assert report["data"]["records"] == len(records) - 2
+    assert f"passed over 2 log row(s) that cannot be read; the first, id {labelled[0].id}" in caplog.text
+
+
+def test_a_mistyped_log_path_is_an_error_that_creates_nothing(tmp_path, slice_records):
+    labels, _ = slice_records
+    settings = _settings(tmp_path, labels)
+    settings.log.url = f"sqlite:///{tmp_path / 'typo' / 'inference.db'}"
+    with pytest.raises(DistillError, match="cannot read the inference log: there is no inference log at"):
+        run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    assert not (tmp_path / "typo").exists()

@@ -6,17 +6,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import sqlite3
 import threading
 import time
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, text, update
 
 import gateway.logstore_schema as schema
 from gateway.durations import parse_duration
 from gateway.inference_log import InferenceRecord, MemorySink, input_hash
 from gateway.logstore import LogStore, LogWriter, create_sink, prune_log
+from gateway.logstore_schema import inference_log
 from gateway.redact import luhn_valid, redact_record, redact_text
 from gateway.settings import LogConfig
 
@@ -323,3 +325,40 @@ def test_redact_record_rehashes_and_keeps_structure():
     assert clean.response["id"] == "chatcmpl-5551234567"  # structural fields are left alone
     assert clean.input_sha256 == input_hash(expected) != record.input_sha256
     assert (clean.id, clean.created_at, clean.teacher_label) == (record.id, record.created_at, record.teacher_label)
+
+
+def test_a_row_whose_label_distribution_cannot_be_read_is_passed_over_by_name(store, store_url):
+    """Distill reads with `on_bad_row`: a hand-edited row (a JSON list, a non-number) is reported by id and
+    skipped, and the scan goes on past it (chunk_size is 4: the bad rows sit in different chunks)."""
+    records = [make_record(i, created_at=1000.0 + i) for i in range(10)]
+    records[7] = make_record(7, created_at=1007.0, label_distribution={"pin_change": "0.9"})  # a number as text
+    store.insert_many(records)
+    table = inference_log
+    with store._write() as conn:
+        conn.execute(update(table).where(table.c.id == records[2].id).values(label_distribution=[["pin_change", 0.9]]))
+        conn.execute(update(table).where(table.c.id == records[5].id).values(label_distribution={"pin_change": "high"}))
+    bad: list[tuple[str, str]] = []
+    read = list(store.iter_records("intent", bodies=False, on_bad_row=lambda i, why: bad.append((i, why))))
+    assert [r.id for r in read] == [r.id for i, r in enumerate(records) if i not in (2, 5)]
+    assert [i for i, _ in bad] == [records[2].id, records[5].id]
+    assert "a JSON list, not an object" in bad[0][1] and "'high', not a number" in bad[1][1]
+    assert read[5].label_distribution == {"pin_change": 0.9}  # records[7]
+    assert read[0].label_distribution == {"pin_change": 0.9, "card_declined": 0.1}
+
+
+def test_a_label_distribution_that_is_not_json_is_passed_over_in_sqlite(tmp_path):
+    """SQLite checks no JSON: text that does not parse would fail the whole chunk it is read in."""
+    url = f"sqlite:///{tmp_path}/inference.db"
+    store = LogStore(url, chunk_size=4)
+    store.migrate()
+    records = [make_record(i, created_at=1000.0 + i) for i in range(6)]
+    store.insert_many(records)
+    with sqlite3.connect(tmp_path / "inference.db") as conn:
+        conn.execute(
+            "UPDATE inference_log SET label_distribution = ? WHERE id = ?", ('{"pin_change": 0.9', records[1].id)
+        )
+    bad: list[tuple[str, str]] = []
+    read = list(store.iter_records("intent", on_bad_row=lambda i, why: bad.append((i, why))))
+    store.close()
+    assert [r.id for r in read] == [r.id for i, r in enumerate(records) if i != 1]
+    assert bad[0][0] == records[1].id and "is not JSON" in bad[0][1]

@@ -224,3 +224,35 @@ def test_an_explicit_zero_price_is_known_and_an_alias_prices_as_its_target() -> 
 def test_missing_usage_makes_the_cost_unknown() -> None:
     book = PriceBook(PricingConfig(), bundled={"m": Price(1.0, 1.0)})
     assert book.cost("m", None, 10) is None and book.cost("m", 10, None) is None
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: a second `tasks:` block would drop the first's tasks."""
+    text = (
+        "tasks:\n  intent: {teacher: m, labels: [x, y]}\nlog:\n  url: memory://\n"
+        "tasks:\n  sentiment: {teacher: m, labels: [pos, neg]}\n"
+    )
+    with pytest.raises(ConfigError, match="the key 'tasks' is given twice"):
+        load_settings(_write(tmp_path, text))
+    nested = "upstreams:\n  a:\n    api_base: http://127.0.0.1:9/v1\n    api_base: http://127.0.0.1:10/v1\n"
+    with pytest.raises(ConfigError, match="the key 'api_base' is given twice"):
+        load_settings(_write(tmp_path, nested))
+
+
+def test_a_postgres_url_without_the_sqlalchemy_scheme_is_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"log\.url: .*write postgresql://"):
+        load_settings(_write(tmp_path, {"log": {"url": "postgres://u@127.0.0.1/db"}}))
+    assert load_settings(_write(tmp_path, {"log": {"url": "postgresql://u@127.0.0.1/db"}})).log.url.startswith("post")
+
+
+def test_an_environment_override_that_cannot_reach_a_mixed_case_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Environment variable names are read without case: APPRENTICE_UPSTREAMS__TEACHER__API_BASE names
+    `teacher`, so for a file's `Teacher` it would add a second upstream and change nothing."""
+    config = {"upstreams": {"Teacher": {"api_base": "http://127.0.0.1:9/v1", "models": ["m"]}}}
+    monkeypatch.setenv("APPRENTICE_UPSTREAMS__Teacher__API_BASE", "http://127.0.0.1:10/v1")
+    with pytest.raises(ConfigError, match=r"upstreams\.Teacher: the environment variable .* names 'teacher'"):
+        load_settings(_write(tmp_path, config))
+    config = {"upstreams": {"teacher": {"api_base": "http://127.0.0.1:9/v1", "models": ["m"]}}}
+    assert load_settings(_write(tmp_path, config)).upstreams["teacher"].api_base == "http://127.0.0.1:10/v1"
