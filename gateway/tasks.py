@@ -73,15 +73,18 @@ def unsupported(request: ChatCompletionRequest) -> str | None:
     return None
 
 
-def over_token_cap(request: ChatCompletionRequest, label: str, estimator: TokenEstimator) -> bool:
-    """Whether answering `label` may break the client's max_tokens / max_completion_tokens. The teacher would
-    cut such an answer short (finish_reason "length"); the specialist cannot, so the teacher answers. The
-    label's length is the larger of the usage the specialist would report and a quarter of its characters: the
-    task's mean answer length can be shorter than this label."""
+def token_cap(request: ChatCompletionRequest) -> int | None:
+    """The client's max_tokens / max_completion_tokens (the smaller when both are given), or None."""
     caps = [c for c in (request.max_tokens, request.max_completion_tokens) if c is not None]
-    if not caps:
-        return False
-    return max(estimator.estimate(request, label)[1], math.ceil(len(label) / 4)) > min(caps)
+    return min(caps) if caps else None
+
+
+def over_token_cap(request: ChatCompletionRequest, label: str) -> bool:
+    """Whether `label` (about a token per four characters) may not fit in the client's token cap. The teacher
+    would cut such an answer short (finish_reason "length"); the specialist cannot, so the teacher answers. The
+    label's own length decides, not the task's mean answer length, which the teacher's longer declines raise."""
+    cap = token_cap(request)
+    return cap is not None and math.ceil(len(label) / 4) > cap
 
 
 class TaskService:
@@ -207,9 +210,7 @@ class TaskService:
             self.metrics.child(self.metrics.specialist_latency, task.name).observe(decision.inference_ms / 1000)
             self.metrics.child(self.metrics.router_score, task.name).observe(decision.score)
             capped = (
-                decision.route == "specialist"
-                and force != "specialist"
-                and over_token_cap(request, decision.label, state.estimator)
+                decision.route == "specialist" and force != "specialist" and over_token_cap(request, decision.label)
             )
             if (decision.route == "specialist" and not capped) or force == "specialist":
                 state.served += 1
@@ -248,6 +249,9 @@ class TaskService:
     ) -> Response:
         task = state.config
         prompt, completion = state.estimator.estimate(request, decision.label)
+        cap = token_cap(request)
+        if cap is not None:  # a label that fits is reported within the cap, whatever the task's mean answer
+            completion = min(completion, cap)
         answer = SpecialistAnswer(
             decision.label,
             specialist.version,

@@ -88,15 +88,17 @@ class Completion:
 
     def chat_completion(self) -> dict[str, Any]:
         """The answer as a chat completion object, or UpstreamBadAnswer (502) for a body a task cannot read:
-        not JSON, not an object, or `choices` that is not a list."""
+        not JSON, not an object, or without a non-empty `choices` list (a provider's 200 error object, `{}`).
+        Read as a decline, such an answer would replace the input's teacher label in distill's data."""
         try:
             data = jsoncodec.loads(self.content)
         except ValueError:
             raise UpstreamBadAnswer(self.upstream, f"not JSON: {self.content[:200]!r}") from None
         if not isinstance(data, dict):
             raise UpstreamBadAnswer(self.upstream, f"a JSON {type(data).__name__}, not an object")
-        if not isinstance(data.get("choices", []), list):
-            raise UpstreamBadAnswer(self.upstream, "'choices' is not a list")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UpstreamBadAnswer(self.upstream, f"no choices: {self.content[:200]!r}")
         return data
 
 

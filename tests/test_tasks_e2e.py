@@ -376,8 +376,10 @@ def test_a_confident_input_in_a_request_the_specialist_cannot_honour_goes_to_the
         served = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text)})
         assert served.headers["x-apprentice-route"] == "specialist", "the text alone must be the specialist's"
         if shape.startswith("max"):
-            generous = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text), shape: 50})
-            assert generous.headers["x-apprentice-route"] == "specialist", "a cap the label fits in changes nothing"
+            fits = -(-len(label) // 4)  # the label's tokens at four characters each
+            exact = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text), shape: fits})
+            assert exact.headers["x-apprentice-route"] == "specialist", "a cap the label fits in changes nothing"
+            assert exact.json()["usage"]["completion_tokens"] <= fits
         resp = http.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     route = (resp.headers["x-apprentice-route"], resp.headers["x-apprentice-reason"])
@@ -412,7 +414,9 @@ def test_a_lone_surrogate_in_the_input_is_answered_and_logged(
         assert task == "intent" and resp.headers["x-apprentice-reason"] == "specialist"
 
 
-@pytest.mark.parametrize("answer", ["<html>Bad gateway</html>", "[]", '{"choices": "none"}'])
+@pytest.mark.parametrize(
+    "answer", ["<html>Bad gateway</html>", "[]", '{"choices": "none"}', "{}", '{"error": {"message": "overloaded"}}']
+)
 def test_a_teacher_answer_that_is_not_a_chat_completion_is_a_502(
     stack: TaskStack, client: openai.OpenAI, answer: str
 ) -> None:
@@ -442,3 +446,18 @@ def test_a_teacher_stream_without_the_space_after_data_is_read_and_rewritten(
     (record,) = stack.records("intent", marker)
     assert (record.status, record.teacher_text, record.teacher_label) == (200, "timer", "timer")
     assert record.completion_tokens == 1
+
+
+def test_the_token_cap_is_read_against_the_labels_own_length() -> None:
+    """Four characters a token: `balance` fits in 2, not in 1. The task's mean answer length (raised by the
+    teacher's long declines) does not decide."""
+    from gateway.protocol import ChatCompletionRequest
+    from gateway.tasks import over_token_cap, token_cap
+
+    def request(**caps: int) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate({"model": "intent", "messages": user("x"), **caps})
+
+    assert token_cap(request()) is None and not over_token_cap(request(), "balance")
+    assert token_cap(request(max_tokens=9, max_completion_tokens=4)) == 4
+    assert not over_token_cap(request(max_tokens=2), "balance")
+    assert over_token_cap(request(max_completion_tokens=1), "balance")
