@@ -8,6 +8,7 @@ Environment variables override the file with `__` between nesting levels, e.g.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,7 +184,7 @@ class LogConfig(_Strict):
     @classmethod
     def _known_store(cls, url: str) -> str:
         scheme = url.split("://", 1)[0] if "://" in url else ""
-        if scheme == "sqlite" or scheme.startswith("postgresql") or url.startswith("memory:"):
+        if scheme.split("+", 1)[0] in ("sqlite", "postgresql") or url.startswith("memory:"):
             return url
         hint = " (postgres:// is not a SQLAlchemy scheme: write postgresql://)" if scheme == "postgres" else ""
         raise ValueError(
@@ -297,8 +298,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: keys written beside it override the merged ones, as YAML says
             key = self.construct_object(key_node, deep=deep)
-            if key != "<<" and key in seen:
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own construct_mapping below refuses it with a YAML error
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark,
                     f"the key {key!r} is given twice (first {seen[key]})", key_node.start_mark,

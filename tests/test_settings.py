@@ -237,12 +237,24 @@ def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path: Path) -> N
     nested = "upstreams:\n  a:\n    api_base: http://127.0.0.1:9/v1\n    api_base: http://127.0.0.1:10/v1\n"
     with pytest.raises(ConfigError, match="the key 'api_base' is given twice"):
         load_settings(_write(tmp_path, nested))
+    with pytest.raises(ConfigError, match="is not valid YAML"):  # a list as a key: YAML's own refusal
+        load_settings(_write(tmp_path, "tasks:\n  ? [a, b]\n  : {teacher: m, labels: [x, y]}\n"))
+
+
+def test_merge_keys_still_share_a_block_between_tasks(tmp_path: Path) -> None:
+    text = (
+        "tasks:\n  intent: &base {teacher: m, labels: [x, y], shadow_rate: 0.1}\n"
+        "  intent2:\n    <<: *base\n    labels: [a, b]\n"
+    )
+    tasks = load_settings(_write(tmp_path, text)).tasks
+    assert (tasks["intent2"].teacher, tasks["intent2"].shadow_rate, tasks["intent2"].labels) == ("m", 0.1, ["a", "b"])
 
 
 def test_a_postgres_url_without_the_sqlalchemy_scheme_is_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"log\.url: .*write postgresql://"):
         load_settings(_write(tmp_path, {"log": {"url": "postgres://u@127.0.0.1/db"}}))
-    assert load_settings(_write(tmp_path, {"log": {"url": "postgresql://u@127.0.0.1/db"}})).log.url.startswith("post")
+    for url in ("postgresql://u@127.0.0.1/db", "postgresql+psycopg://u@h/db", "sqlite+pysqlite:///x.db"):
+        assert load_settings(_write(tmp_path, {"log": {"url": url}})).log.url == url
 
 
 def test_an_environment_override_that_cannot_reach_a_mixed_case_key_is_refused(
