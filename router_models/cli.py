@@ -218,6 +218,7 @@ def log_prune(
 
     from gateway.durations import parse_duration
     from gateway.logstore import prune_log
+    from gateway.logstore_writer import brief
 
     settings = _settings(config)
     try:
@@ -231,7 +232,7 @@ def log_prune(
         _fail(f"log.url: {exc}")
         return
     except SQLAlchemyError as exc:
-        _fail(f"cannot prune the inference log: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}")
+        _fail(f"cannot prune the inference log: {brief(exc)}")
         return
     typer.echo(f"removed {removed} records older than {older_than}")
 

@@ -54,6 +54,7 @@ def read_log(
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.logstore import LogStore
+    from gateway.logstore_writer import brief
 
     url = make_url(settings.log.url)
     database = url.database or ""
@@ -64,8 +65,7 @@ def read_log(
     try:
         return list(store.iter_records(task, since, bodies=False, on_bad_row=on_bad_row))
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ValueError(f"{store.url}: {detail}") from exc
+        raise ValueError(f"{store.url}: {brief(exc)}") from exc
     finally:
         store.close()
 
