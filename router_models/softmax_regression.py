@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
 Float32Array = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 class SparseDense:
@@ -104,7 +105,7 @@ class _SparseProducts:
             from scipy.sparse import _sparsetools
 
             self.kernels = _sparsetools
-        except ImportError:  # the private module moved: allocating products, one thread
+        except ImportError:  # the private module moved: allocating products
             pass
 
     def _block(self, a: int, b: int) -> tuple[Any, Any, Any]:
@@ -112,56 +113,74 @@ class _SparseProducts:
         lo, hi = x.indptr[a], x.indptr[b]
         return x.indptr[a : b + 1] - lo, x.indices[lo:hi], x.data[lo:hi]
 
-    def _run(self, tasks: list[Callable[[], None]]) -> None:
+    def run(self, tasks: list[Callable[[], T]]) -> list[T]:
+        """Run one task per block, in the pool's threads when there is more than one block."""
         if self.pool is None:
-            for task in tasks:
-                task()
-        else:
-            for future in [self.pool.submit(task) for task in tasks]:
-                future.result()
+            return [task() for task in tasks]
+        return [future.result() for future in [self.pool.submit(task) for task in tasks]]
 
-    def times(self, dense: Float32Array, out: Float32Array) -> None:
-        """out [N, K] = X @ dense [F, K]."""
+    def add_block_times(self, k: int, dense: Float32Array, out_rows: Float32Array) -> None:
+        """out_rows += X[block k] @ dense: the rows of block k only."""
+        a, b = self.blocks[k]
         if self.kernels is None:
-            out[...] = self.x @ dense
+            out_rows += self.x[a:b] @ dense
             return
-        cols, k = self.x.shape[1], dense.shape[1]
+        indptr, indices, data = self._block(a, b)
+        self.kernels.csr_matvecs(
+            b - a, self.x.shape[1], dense.shape[1], indptr, indices, data, dense.reshape(-1), out_rows.reshape(-1)
+        )
 
-        def block(a: int, b: int) -> Callable[[], None]:
-            def run() -> None:
-                indptr, indices, data = self._block(a, b)
-                part = out[a:b]
-                part.fill(0.0)
-                self.kernels.csr_matvecs(b - a, cols, k, indptr, indices, data, dense.reshape(-1), part.reshape(-1))
-
-            return run
-
-        self._run([block(a, b) for a, b in self.blocks])
-
-    def transposed_times(self, dense: Float32Array, out: Float32Array) -> None:
-        """out [F, K] = X^T @ dense [N, K]."""
+    def block_transposed_times(self, k: int, dense_rows: Float32Array, out: Float32Array) -> None:
+        """Block k's share of X^T @ dense (`dense_rows` are that block's rows), into `out` for the first block
+        and into its partial sum for the others; `sum_partials` then adds them into `out`."""
+        a, b = self.blocks[k]
+        into = out if k == 0 else self.partials[k - 1]
         if self.kernels is None:
-            out[...] = self.x.T @ dense
+            into[...] = self.x[a:b].T @ dense_rows
             return
-        cols, k = self.x.shape[1], dense.shape[1]
+        indptr, indices, data = self._block(a, b)  # X's rows a..b are X^T's CSC columns a..b
+        into.fill(0.0)
+        rows = np.ascontiguousarray(dense_rows)
+        cols, k_cols = self.x.shape[1], dense_rows.shape[1]
+        self.kernels.csc_matvecs(cols, b - a, k_cols, indptr, indices, data, rows.reshape(-1), into.reshape(-1))
 
-        def block(a: int, b: int, into: Float32Array) -> Callable[[], None]:
-            def run() -> None:
-                indptr, indices, data = self._block(a, b)  # X's rows a..b are X^T's CSC columns a..b
-                into.fill(0.0)
-                rows = np.ascontiguousarray(dense[a:b])
-                self.kernels.csc_matvecs(cols, b - a, k, indptr, indices, data, rows.reshape(-1), into.reshape(-1))
-
-            return run
-
-        targets = [out, *self.partials]
-        self._run([block(a, b, into) for (a, b), into in zip(self.blocks, targets, strict=True)])
+    def sum_partials(self, out: Float32Array) -> None:
         for partial in self.partials:
             out += partial
 
+    def times(self, dense: Float32Array, out: Float32Array) -> None:
+        """out [N, K] = X @ dense [F, K]."""
+
+        def block(k: int) -> Callable[[], None]:
+            def task() -> None:
+                a, b = self.blocks[k]
+                out[a:b].fill(0.0)
+                self.add_block_times(k, dense, out[a:b])
+
+            return task
+
+        self.run([block(k) for k in range(len(self.blocks))])
+
+    def transposed_times(self, dense: Float32Array, out: Float32Array) -> None:
+        """out [F, K] = X^T @ dense [N, K]."""
+
+        def block(k: int) -> Callable[[], None]:
+            def task() -> None:
+                a, b = self.blocks[k]
+                self.block_transposed_times(k, dense[a:b], out)
+
+            return task
+
+        self.run([block(k) for k in range(len(self.blocks))])
+        self.sum_partials(out)
+
 
 class _Objective:
-    """Loss and gradient of the soft cross-entropy for flat float32 parameters [W (F*L) | b (L)]."""
+    """Loss and gradient of the soft cross-entropy for flat float32 parameters [W (F*L) | b (L)].
+
+    With sparse features each row block goes through X W, the softmax and X^T G in its own thread: numpy's
+    element-wise work on the [N, L] logits (max, exp, sums, the division) was a third of each evaluation, and
+    it releases the GIL as the sparse kernels do."""
 
     def __init__(self, features: Any, targets: sp.csr_matrix, c: float, pool: Executor | None = None) -> None:
         # With SparseDense features, x is the sparse block and x_dense the dense one (its weights are the last
@@ -183,43 +202,75 @@ class _Objective:
         self.f_sparse = self.x.shape[1]
         self.labels = targets.shape[1]
         self.l2 = np.float32(1.0 / (c * self.n))
-        t_rows = np.repeat(np.arange(self.n), np.diff(targets.indptr))
-        self.t_data64 = targets.data.astype(np.float64)
-        self.t_flat = t_rows * self.labels + targets.indices  # positions of the targets in z.ravel()
-        self.t_data_n = (targets.data / self.n).astype(np.float32)
         self.z = np.empty((self.n, self.labels), dtype=np.float32)
         self.norm = np.empty((self.n, 1), dtype=np.float32)
+        # Per row block: where its targets sit in its own rows of z.ravel(), their values, and their values / n.
+        blocks = self.products.blocks if self.products is not None else [(0, self.n)]
+        t_rows = np.repeat(np.arange(self.n), np.diff(targets.indptr))
+        t_flat = t_rows * self.labels + targets.indices
+        self.t_blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], Float32Array]] = []
+        for a, b in blocks:
+            lo, hi = int(targets.indptr[a]), int(targets.indptr[b])
+            values = targets.data[lo:hi]
+            self.t_blocks.append(
+                ((t_flat[lo:hi] - a * self.labels).astype(np.int64), values.astype(np.float64),
+                 (values / self.n).astype(np.float32))
+            )  # fmt: skip
+
+    def _softmax_residual(self, k: int, z: Float32Array, norm: Float32Array) -> tuple[float, float]:
+        """Block k's rows of z (logits in) become (softmax - targets) / n in place; returns the block's
+        (sum of log sum exp, sum of t z) for the loss. Rows of t sum to 1, so -sum t log softmax(z) is
+        log sum exp(z) - sum t z."""
+        positions, values, values_n = self.t_blocks[k]
+        z -= z.max(axis=1, keepdims=True)
+        z_flat = z.reshape(-1)
+        tz = float(np.dot(values, z_flat[positions]))
+        np.exp(z, out=z)
+        np.sum(z, axis=1, keepdims=True, out=norm)
+        log_norm = float(np.log(norm, dtype=np.float64).sum())
+        norm *= np.float32(self.n)
+        z /= norm
+        z_flat[positions] -= values_n
+        return log_norm, tz
 
     def __call__(self, w: Float32Array, grad: Float32Array) -> float:
         """The loss at w; writes the gradient into `grad`."""
         f, n_labels = self.f, self.labels
         weights = w[: f * n_labels].reshape(f, n_labels)
+        bias = w[f * n_labels :]
         z = self.z
         split = self.f_sparse
-        if self.products is not None:
-            self.products.times(weights[:split], z)
-        else:
-            np.matmul(self.x, weights, out=z)
-        if self.x_dense is not None:
-            z += self.x_dense @ weights[split:]
-        z += w[f * n_labels :]
-        z -= z.max(axis=1, keepdims=True)
-        # Rows of t sum to 1, so -sum t log softmax(z) = log sum exp(z) - sum t z.
-        z_flat = z.reshape(-1)
-        tz = float(np.dot(self.t_data64, z_flat[self.t_flat]))
-        np.exp(z, out=z)
-        np.sum(z, axis=1, keepdims=True, out=self.norm)
-        loss = (float(np.log(self.norm, dtype=np.float64).sum()) - tz) / self.n
-        self.norm *= np.float32(self.n)
-        z /= self.norm  # softmax / n
-        z_flat[self.t_flat] -= self.t_data_n
         grad_w = grad[: f * n_labels].reshape(f, n_labels)
-        if self.products is not None:
-            self.products.transposed_times(z, grad_w[:split])
-        else:
+        products = self.products
+        if products is None:  # dense features: BLAS already uses every core
+            np.matmul(self.x, weights, out=z)
+            z += bias
+            log_norm, tz = self._softmax_residual(0, z, self.norm)
             np.matmul(self.xt, z, out=grad_w)
-        if self.x_dense is not None:
-            np.matmul(self.x_dense.T, z, out=grad_w[split:])  # BLAS reads the transpose in place
+        else:
+            if self.x_dense is not None:
+                np.matmul(self.x_dense, weights[split:], out=z)  # one BLAS call; the blocks add the sparse part
+            else:
+                z.fill(0.0)
+
+            def block(k: int) -> Callable[[], tuple[float, float]]:
+                def task() -> tuple[float, float]:
+                    a, b = products.blocks[k]
+                    rows = z[a:b]
+                    products.add_block_times(k, weights[:split], rows)
+                    rows += bias
+                    parts = self._softmax_residual(k, rows, self.norm[a:b])
+                    products.block_transposed_times(k, rows, grad_w[:split])
+                    return parts
+
+                return task
+
+            sums = products.run([block(k) for k in range(len(products.blocks))])
+            products.sum_partials(grad_w[:split])
+            log_norm, tz = sum(s[0] for s in sums), sum(s[1] for s in sums)
+            if self.x_dense is not None:
+                np.matmul(self.x_dense.T, z, out=grad_w[split:])  # BLAS reads the transpose in place
+        loss = (log_norm - tz) / self.n
         grad_w += self.l2 * weights
         np.sum(z, axis=0, out=grad[f * n_labels :])
         w_part = w[: f * n_labels]

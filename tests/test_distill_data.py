@@ -197,3 +197,38 @@ def test_reading_an_unreachable_postgresql_names_the_store_without_its_password(
         read_log(_log_settings(url), "intent", None)
     message = str(caught.value)
     assert message.startswith("postgresql+psycopg://apprentice:***@127.0.0.1:1/test: ") and "s3cret" not in message
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_the_loss_and_gradient_over_row_blocks_are_the_textbook_ones(
+    monkeypatch: pytest.MonkeyPatch, blocks: int
+) -> None:
+    """Each block's thread does X W, the softmax and X^T G on its own rows: the loss and gradient must still be
+    soft cross-entropy plus the L2 term, computed here in float64 on the stacked matrix."""
+    from router_models.softmax_regression import SparseDense, _Objective
+
+    monkeypatch.setattr(softmax_regression, "ROW_BLOCKS", blocks)
+    monkeypatch.setattr(softmax_regression, "MIN_BLOCK_ROWS", 10)
+    rng = np.random.default_rng(blocks)
+    sparse = _sparse_rows(97, 30, seed=blocks)
+    dense = rng.normal(size=(97, 5)).astype(np.float32)
+    logits = rng.normal(size=(97, 6)) * 2
+    targets = sparse_targets(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), top_k=3, min_prob=0.0)
+    w = rng.normal(size=35 * 6 + 6).astype(np.float32) * 0.3
+    with ThreadPoolExecutor(blocks) as pool:
+        objective = _Objective(SparseDense(sparse, dense), targets, c=2.0, pool=pool)
+        assert objective.products is not None and len(objective.products.blocks) == blocks
+        grad = np.full_like(w, np.nan)
+        loss = objective(w, grad)
+    x = np.hstack([sparse.toarray(), dense]).astype(np.float64)
+    weights, bias = w[: 35 * 6].reshape(35, 6).astype(np.float64), w[35 * 6 :].astype(np.float64)
+    z = x @ weights + bias
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    t = targets.toarray()
+    l2 = 1.0 / (2.0 * 97)
+    expected_loss = -(t * log_p).sum() / 97 + 0.5 * l2 * (weights**2).sum()
+    residual = (np.exp(log_p) - t) / 97
+    expected_grad = np.concatenate([(x.T @ residual + l2 * weights).ravel(), residual.sum(0)])
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
