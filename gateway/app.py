@@ -36,7 +36,7 @@ from gateway.errors import (
     error_response,
 )
 from gateway.inference_log import InferenceSink, MemorySink
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, forget_dead_workers, multiprocess_dir
 from gateway.pricing import PriceBook
 from gateway.protocol import parse_chat_request
 from gateway.serving import Accounting, ModelTable, Passthrough, Timer
@@ -217,6 +217,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = _build_services(settings, transport, sink)
         app.state.services = services
+        directory = multiprocess_dir()
+        if services.metrics.multiprocess and directory is not None:
+            forgotten = forget_dead_workers(directory)
+            if forgotten:
+                log.warning("metrics: forgot the live gauges of workers that died: pids %s", forgotten)
         await services.sink.start()
         await services.tasks.start()
         services.background.append(asyncio.create_task(_discover_models(services)))

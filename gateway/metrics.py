@@ -8,6 +8,7 @@ files there and /metrics aggregates every worker's files.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client import (
@@ -31,6 +32,32 @@ M = TypeVar("M", bound=MetricWrapperBase)
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def forget_dead_workers(directory: str) -> list[int]:
+    """Remove the live gauges' files of workers that no longer run; returns their pids.
+
+    A worker that crashes never reaches its own shutdown, and uvicorn starts another in its place: the dead
+    one's `live*` gauge files would keep their last values (a version it served, its share of the shadow
+    window) in every scrape. Each worker calls this as it starts."""
+    dead: set[int] = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        number = path.stem.rsplit("_", 1)[-1]
+        if number.isdigit() and int(number) != os.getpid() and not _running(int(number)):
+            dead.add(int(number))
+    for pid in sorted(dead):
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return sorted(dead)
 
 
 class Metrics:
@@ -98,7 +125,7 @@ class Metrics:
         )  # fmt: skip
         self.specialist_info = Gauge(
             "apprentice_specialist_info", "1 for the specialist version each task serves",
-            ["task", "version"], registry=reg, multiprocess_mode="max",
+            ["task", "version"], registry=reg, multiprocess_mode="livemax",
         )  # fmt: skip
         self.registry_loads = Counter(
             "apprentice_registry_loads", "Specialist loads by result (loaded or the reason it was refused)",
@@ -109,8 +136,19 @@ class Metrics:
             ["task", "outcome"], registry=reg,
         )  # fmt: skip
         self.shadow_agreement = Gauge(
-            "apprentice_shadow_agreement", "Live agreement of the specialist with the teacher over the "
-            "shadow window", ["task"], registry=reg, multiprocess_mode="mostrecent",
+            "apprentice_shadow_agreement", "Live agreement of the specialist with the teacher over this process's "
+            "shadow window (NaN until the serving version's first shadow answer)", ["task"], registry=reg,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        # The window's answers and agreements as sums over live processes: their ratio pools every worker (and,
+        # summed in PromQL, every replica), which no mode of the agreement gauge itself can do.
+        self.shadow_window = Gauge(
+            "apprentice_shadow_window_answers", "Shadow answers in the live agreement window of the serving version",
+            ["task"], registry=reg, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.shadow_window_agreeing = Gauge(
+            "apprentice_shadow_window_agreeing", "Of those, the answers that agreed with the teacher",
+            ["task"], registry=reg, multiprocess_mode="livesum",
         )  # fmt: skip
         self.target_agreement = Gauge(
             "apprentice_target_agreement", "Each task's configured target_agreement, for alert rules to compare "

@@ -1,13 +1,16 @@
 """Shadow traffic: a sampled share of specialist-served requests also goes to the teacher, in the background.
 
 It never delays the client: at most `max_concurrency` shadow calls run at once and any beyond that are
-skipped and counted. Agreement over a sliding window per task is the live quality signal.
+skipped and counted. Agreement over a sliding window per task is the live quality signal; the window starts
+empty whenever a new version serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
@@ -24,6 +27,8 @@ class ShadowRunner:
         self.window = window
         self._tasks: set[asyncio.Task[None]] = set()
         self._agreement: dict[str, deque[bool]] = {}
+        # reset() comes from the registry's loading thread, answers from the event loop.
+        self._lock = threading.Lock()
 
     def try_start(self, task: str, job: Coroutine[Any, Any, bool | None]) -> bool:
         """Starts `job` (returns agreement, or None if the teacher gave no usable answer) unless at the bound."""
@@ -47,15 +52,31 @@ class ShadowRunner:
             self.metrics.shadow.labels(task=task, outcome="no_label").inc()
             return
         self.metrics.shadow.labels(task=task, outcome="agree" if agreed else "disagree").inc()
-        window = self._agreement.setdefault(task, deque(maxlen=self.window))
-        window.append(agreed)
-        self.metrics.shadow_agreement.labels(task=task).set(sum(window) / len(window))
+        with self._lock:
+            window = self._agreement.setdefault(task, deque(maxlen=self.window))
+            window.append(agreed)
+            self._export(task, window)
+
+    def reset(self, task: str) -> None:
+        """A new version serves: its agreement starts empty, not with the last version's answers (after a
+        rollback the alert would otherwise keep firing on the bad version's disagreements)."""
+        with self._lock:
+            window = self._agreement.setdefault(task, deque(maxlen=self.window))
+            window.clear()
+            self._export(task, window)
+
+    def _export(self, task: str, window: deque[bool]) -> None:
+        agreeing = sum(window)
+        self.metrics.shadow_agreement.labels(task=task).set(agreeing / len(window) if window else math.nan)
+        self.metrics.shadow_window.labels(task=task).set(len(window))
+        self.metrics.shadow_window_agreeing.labels(task=task).set(agreeing)
 
     def agreement(self, task: str) -> tuple[float | None, int]:
-        window = self._agreement.get(task)
-        if not window:
-            return None, 0
-        return sum(window) / len(window), len(window)
+        with self._lock:
+            window = self._agreement.get(task)
+            if not window:
+                return None, 0
+            return sum(window) / len(window), len(window)
 
     async def drain(self, timeout_s: float) -> None:
         """Lets running shadow calls finish (their records matter) for at most `timeout_s`."""

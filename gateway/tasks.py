@@ -28,7 +28,7 @@ from gateway.serving import SSE_HEADERS, Accounting, ModelTable, Timer
 from gateway.settings import Settings, TaskConfig
 from gateway.shadow import ShadowRunner
 from gateway.softlabels import LabelSet
-from gateway.specialist import Decision, Specialist
+from gateway.specialist import REFUSAL_REASONS, Decision, Specialist
 from gateway.teacher_answer import (
     StreamRewriter,
     TeacherReading,
@@ -109,6 +109,10 @@ class TaskService:
         )
         for name, cfg in settings.tasks.items():
             self.metrics.target_agreement.labels(task=name).set(cfg.target_agreement)
+            # Every series at 0 from the start: a refusal must be an increase for the alert rule to see it, and
+            # a refused version is not retried, so its counter would otherwise appear at 1 and stay there.
+            for result in ("loaded", *REFUSAL_REASONS):
+                self.metrics.registry_loads.labels(task=name, result=result)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -134,6 +138,8 @@ class TaskService:
             if result.previous is not None and result.previous != result.version:
                 info.labels(task=result.task, version=result.previous).set(0)
             info.labels(task=result.task, version=result.version).set(1)
+            if result.previous != result.version:
+                self.shadow.reset(result.task)
 
     def readiness(self) -> dict[str, bool]:
         return {"registry": self.registry is not None} if self.states else {}
@@ -269,7 +275,7 @@ class TaskService:
         if avoided is not None:
             m.child(m.savings, task.name).inc(avoided)
         if task.shadow_rate > 0 and random.random() < task.shadow_rate:
-            self.shadow.try_start(task.name, self._shadow_call(state, raw, text, decision, specialist.version))
+            self.shadow.try_start(task.name, self._shadow_call(state, raw, request, text, decision, specialist.version))
         headers = self._headers("specialist", reason, decision, specialist)
         headers["x-apprentice-overhead-ms"] = timer.overhead_ms(0.0)
         self.accounting.finished(task.name, "specialist", reason, 200, timer, 0.0)
@@ -282,7 +288,13 @@ class TaskService:
         return Response(json.dumps(completion_body(answer, request)), media_type="application/json", headers=headers)
 
     async def _shadow_call(
-        self, state: TaskState, raw: dict[str, Any], text: str, decision: Decision, version: str
+        self,
+        state: TaskState,
+        raw: dict[str, Any],
+        request: ChatCompletionRequest,
+        text: str,
+        decision: Decision,
+        version: str,
     ) -> bool | None:
         task = state.config
         upstream = self.models.upstream_for(task.teacher)
@@ -295,6 +307,10 @@ class TaskService:
         self.accounting.teacher_cost(
             task.name, task.teacher, reading.prompt_tokens, reading.completion_tokens, route="shadow"
         )
+        if reading.prompt_tokens is not None and reading.completion_tokens is not None:
+            # Shadow answers are the only teacher answers to the traffic the specialist serves: the usage it
+            # reports and the savings it is credited with are estimated from them too.
+            state.estimator.observe(request, reading.prompt_tokens, reading.completion_tokens)
         self._record(state, raw, text, reading, data, "shadow", "shadow", decision, version, 200, t0)
         label = reading.label(state.labels)
         return None if label is None else label == decision.label

@@ -6,6 +6,7 @@ promtool checks the rules, runs their unit tests (deploy/prometheus/rules.test.y
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -169,3 +170,52 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
     _run(promtool, "check", "rules", str(path))
+
+
+def test_a_dead_workers_live_gauges_are_forgotten_by_the_next_worker(tmp_path: Path) -> None:
+    """uvicorn replaces a crashed worker, which never reached its own shutdown: its `livemax` specialist_info
+    (a version it no longer serves) and `livesum` window gauges would stay in every scrape."""
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from gateway.metrics import forget_dead_workers
+
+    writer = (
+        "from gateway.metrics import Metrics; import time, sys; m = Metrics();"
+        "m.specialist_info.labels(task='intent', version=sys.argv[1]).set(1); print('set', flush=True);"
+        "time.sleep(float(sys.argv[2]))"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run(
+        [sys.executable, "-c", writer, "v-dead", "0"], env=env, check=True, cwd=Path(__file__).resolve().parents[1]
+    )
+    alive = subprocess.Popen(
+        [sys.executable, "-c", writer, "v-alive", "60"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert alive.stdout is not None and alive.stdout.readline().strip() == "set"
+
+        def versions() -> set[str]:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+            value = registry.get_sample_value
+            return {
+                v
+                for v in ("v-dead", "v-alive")
+                if value("apprentice_specialist_info", {"task": "intent", "version": v})
+            }
+
+        assert versions() == {"v-dead", "v-alive"}
+        assert forget_dead_workers(str(tmp_path)) != [] and versions() == {"v-alive"}
+        assert forget_dead_workers(str(tmp_path)) == []
+    finally:
+        alive.kill()
+        alive.wait()
+        if alive.stdout is not None:
+            alive.stdout.close()

@@ -189,3 +189,70 @@ def test_metrics_count_routes_reasons_scores_and_savings(
     assert delta("apprentice_cost_usd_total", model="intent", route="teacher") > 0
     assert metric_total(after, "apprentice_registry_loads_total", task="intent", result="loaded") == 1
     assert metric_total(after, "apprentice_log_records_total", outcome="dropped") == 0
+
+
+def test_every_refusal_series_exists_at_zero_so_the_first_refusal_is_an_increase(stack: TaskStack) -> None:
+    """A refused version is not retried: a counter that first appeared at 1 would never increase, and the
+    ApprenticeRegistryLoadRefused rule (an increase()) would never fire."""
+    samples = stack.metrics()
+    for task in ("intent", "intent_shadow", "intent_empty"):
+        for result in ("labels_mismatch", "sha_mismatch", "corrupt", "bad_manifest", "missing_file", "bad_pointer"):
+            key = ("apprentice_registry_loads_total", frozenset({("task", task), ("result", result)}))
+            assert samples.get(key) == 0.0, (task, result)
+
+
+def test_shadow_answers_calibrate_the_usage_the_specialist_reports(stack: TaskStack, client: openai.OpenAI) -> None:
+    """Shadow answers are the teacher's answers to the traffic the specialist serves: the completion tokens it
+    reports (and the savings it is credited with) follow them."""
+    text, label = stack.confident[0]
+
+    def reported() -> int:
+        resp = client.chat.completions.create(
+            model="intent_shadow", messages=user(text), metadata={"x-fake-content": label}
+        )
+        assert resp.usage is not None
+        return resp.usage.completion_tokens
+
+    before = reported()
+    marker = f"long-{uuid.uuid4().hex}"
+    long_answer = " ".join(["this request is outside what I can classify"] * 5)
+    for _ in range(3):
+        client.chat.completions.create(
+            model="intent_shadow", messages=user(text), user=marker, metadata={"x-fake-content": long_answer}
+        )
+    stack.records("intent_shadow", marker, count=3)
+    assert reported() > before
+
+
+def test_a_new_version_starts_its_agreement_window_empty(stack: TaskStack, client: openai.OpenAI) -> None:
+    """After a promotion (or a rollback) the live agreement and the pooled window gauges describe the serving
+    version only: the alert must not keep firing on the replaced version's disagreements."""
+    from task_stack import put_version
+
+    from router_models.registry import promote
+
+    text, label = stack.confident[0]
+    other = next(lab for lab in INTENTS if lab != label)
+    marker = f"window-{uuid.uuid4().hex}"
+    _shadow_of(stack, marker, client, text, teacher_says=other)
+    samples = stack.metrics()
+    answers = metric_total(samples, "apprentice_shadow_window_answers", task="intent_shadow")
+    agreeing = metric_total(samples, "apprentice_shadow_window_agreeing", task="intent_shadow")
+    assert answers >= 1 and agreeing < answers
+    assert metric_total(samples, "apprentice_shadow_agreement", task="intent_shadow") == pytest.approx(
+        agreeing / answers
+    )
+    original = stack.versions["intent_shadow"]
+    try:
+        newer = put_version(stack.registry, "intent_shadow")
+        wait_for(lambda: stack.serving("intent_shadow") == newer or None, "the new version serving")
+        samples = stack.metrics()
+        assert metric_total(samples, "apprentice_shadow_window_answers", task="intent_shadow") == 0
+        assert metric_total(samples, "apprentice_shadow_window_agreeing", task="intent_shadow") == 0
+        gauge = metric_total(samples, "apprentice_shadow_agreement", task="intent_shadow")
+        assert gauge != gauge, "NaN until the new version's first shadow answer"
+        state = stack.admin_tasks()["intent_shadow"]
+        assert (state["live_agreement"], state["live_agreement_window"]) == (None, 0)
+    finally:
+        promote(stack.registry, "intent_shadow", original)
+        wait_for(lambda: stack.serving("intent_shadow") == original or None, "the original version back")
