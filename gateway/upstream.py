@@ -112,9 +112,21 @@ class Stream:
     _close: Callable[[], Awaitable[None]]
     _read_timeout: float
     _deadline: float
+    # Counts a failure mid-stream in upstream_errors_total, by kind ("stream_timeout" or "stream"): the attempt
+    # was counted when the stream opened, and its failure belongs to the upstream's error ratio too.
+    _on_error: Callable[[str], None] | None = None
 
     async def lines(self) -> AsyncIterator[str]:
         """SSE lines without the newline. Raises UpstreamError if the stream breaks or ends without [DONE]."""
+        try:
+            async for line in self._read():
+                yield line
+        except UpstreamError as exc:
+            if self._on_error is not None:
+                self._on_error("stream_timeout" if isinstance(exc, UpstreamTimeout) else "stream")
+            raise
+
+    async def _read(self) -> AsyncIterator[str]:
         saw_done = False
         try:
             while True:
@@ -289,6 +301,8 @@ class TeacherClient:
             raise UpstreamTimeout(up.name, _describe_timeout(exc, up)) from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(up.name, _describe_transport(exc)) from exc
+        elapsed = time.perf_counter() - t0
+        self.metrics.child(self.metrics.upstream_latency, up.name).observe(elapsed)  # an attempt, as non-stream
         if resp.status_code >= 400:
             try:
                 content = await resp.aread()
@@ -297,9 +311,8 @@ class TeacherClient:
             finally:
                 await resp.aclose()
             raise UpstreamStatusError(up.name, resp.status_code, content, _retry_headers(resp.headers))
-        elapsed = time.perf_counter() - t0
-        self.metrics.child(self.metrics.upstream_latency, up.name).observe(elapsed)
-        return Stream(up.name, elapsed, resp.aiter_lines(), resp.aclose, up.config.timeouts.first_byte_s, deadline)
+        first_byte = up.config.timeouts.first_byte_s
+        return Stream(up.name, elapsed, resp.aiter_lines(), resp.aclose, first_byte, deadline, self._stream_error(up))
 
     # -- litellm (imported on first use only) -------------------------------------------------------------
 
@@ -323,16 +336,25 @@ class TeacherClient:
         return kwargs
 
     async def _litellm_call(self, up: Upstream, kwargs: dict[str, Any]) -> Any:
+        """One litellm call. An answer, or an error status, counts as an attempt in upstream_duration_seconds,
+        as on the OpenAI-compatible path: the error ratio's denominator (timeouts and connection failures are
+        added to it by the rule)."""
         litellm = self._litellm_module()
+        t0 = time.perf_counter()
         try:
             async with asyncio.timeout(up.config.timeouts.total_s):
-                return await litellm.acompletion(**kwargs)
+                response = await litellm.acompletion(**kwargs)
         except TimeoutError as exc:
             raise UpstreamTimeout(up.name, f"no answer within {up.config.timeouts.total_s:g}s") from exc
         except ApiError:
             raise
         except Exception as exc:
-            raise _from_litellm(up.name, exc) from exc
+            error = _from_litellm(up.name, exc)
+            if isinstance(error, UpstreamStatusError):
+                self.metrics.child(self.metrics.upstream_latency, up.name).observe(time.perf_counter() - t0)
+            raise error from exc
+        self.metrics.child(self.metrics.upstream_latency, up.name).observe(time.perf_counter() - t0)
+        return response
 
     async def _litellm_complete(self, up: Upstream, body: dict[str, Any]) -> Completion:
         t0 = time.perf_counter()
@@ -365,7 +387,14 @@ class TeacherClient:
             return None
 
         t = up.config.timeouts
-        return Stream(up.name, time.perf_counter() - t0, lines(), close, t.first_byte_s, t0 + t.total_s)
+        elapsed = time.perf_counter() - t0
+        return Stream(up.name, elapsed, lines(), close, t.first_byte_s, t0 + t.total_s, self._stream_error(up))
+
+    def _stream_error(self, up: Upstream) -> Callable[[str], None]:
+        def count(kind: str) -> None:
+            self.metrics.upstream_errors.labels(upstream=up.name, kind=kind).inc()
+
+        return count
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -282,11 +283,16 @@ async def test_a_whole_stream_is_relayed_line_by_line(rec: Recorder) -> None:
 
 
 async def test_a_stream_that_breaks_raises_after_what_arrived(rec: Recorder) -> None:
-    client, _ = _client(_settings(a={}), _scripted(_sse(CHUNKS[:2], done=False, then=httpx.ReadError("reset"))), rec)
+    client, metrics = _client(
+        _settings(a={}), _scripted(_sse(CHUNKS[:2], done=False, then=httpx.ReadError("reset"))), rec
+    )
     lines, error = await _read(client)
     assert _data(lines) == ["data: " + json.dumps(c) for c in CHUNKS[:2]]
     assert isinstance(error, UpstreamUnavailable) and "the stream broke" in error.message
     assert rec.hosts == ["a"]  # bytes already reached the client: a stream is never retried mid-way
+    # One attempt (at its opening), and its failure in the upstream's error ratio
+    assert _value(metrics, "apprentice_upstream_duration_seconds_count", upstream="a") == 1
+    assert _value(metrics, "apprentice_upstream_errors_total", upstream="a", kind="stream") == 1
 
 
 async def test_a_stream_that_ends_without_done_is_an_error(rec: Recorder) -> None:
@@ -297,10 +303,13 @@ async def test_a_stream_that_ends_without_done_is_an_error(rec: Recorder) -> Non
 
 
 async def test_a_stream_that_stalls_mid_way_is_a_timeout(rec: Recorder) -> None:
-    client, _ = _client(_settings(a={}), _scripted(_sse(CHUNKS[:1], done=False, then=httpx.ReadTimeout("gap"))), rec)
+    client, metrics = _client(
+        _settings(a={}), _scripted(_sse(CHUNKS[:1], done=False, then=httpx.ReadTimeout("gap"))), rec
+    )
     lines, error = await _read(client)
     assert len(_data(lines)) == 1
     assert isinstance(error, UpstreamTimeout) and error.status == 504
+    assert _value(metrics, "apprentice_upstream_errors_total", upstream="a", kind="stream_timeout") == 1
 
 
 async def test_a_stream_is_retried_and_falls_back_before_it_opens(rec: Recorder) -> None:
@@ -309,12 +318,16 @@ async def test_a_stream_is_retried_and_falls_back_before_it_opens(rec: Recorder)
     def handler(request: httpx.Request) -> httpx.Response:
         return _error(502) if request.url.host == "a.test" else _sse(CHUNKS)
 
-    client, _ = _client(settings, handler, rec)
+    client, metrics = _client(settings, handler, rec)
     stream = await client.open_stream("a", {**BODY, "stream": True})
     assert stream.upstream == "b"
     assert _data([line async for line in stream.lines()])[-1] == "data: [DONE]"
     await stream.aclose()
     assert rec.hosts == ["a", "a", "b"]
+    # The two 502s were attempts too, as for a non-streamed answer: the error ratio's denominator
+    assert _value(metrics, "apprentice_upstream_duration_seconds_count", upstream="a") == 2
+    assert _value(metrics, "apprentice_upstream_errors_total", upstream="a", kind="502") == 2
+    assert _value(metrics, "apprentice_upstream_errors_total", upstream="b", kind="stream") == 0
 
 
 async def test_a_stream_refused_with_4xx_carries_the_upstream_message(rec: Recorder) -> None:
@@ -339,3 +352,40 @@ async def test_a_cookie_one_upstream_answer_sets_never_rides_on_later_requests(r
     await client.complete("a", BODY)
     assert "cookie" not in rec.requests[1].headers
     await client.aclose()
+
+
+class _LitellmStandIn:
+    """What the client calls of litellm: `acompletion`, answering from a script (a provider's answer or its
+    error). The real litellm needs a real provider; the accounting under test is the client's own."""
+
+    def __init__(self, *outcomes: dict[str, Any] | Exception) -> None:
+        self.outcomes = list(outcomes)
+
+    async def acompletion(self, **kwargs: Any) -> Any:
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return types.SimpleNamespace(model_dump=lambda exclude_none: dict(outcome))
+
+
+class _ProviderError(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"provider says {status_code}")
+        self.status_code = status_code
+
+
+async def test_litellm_answers_and_error_statuses_are_attempts_in_the_error_ratio(rec: Recorder) -> None:
+    """Without them the ratio's denominator held only timeouts: one timeout made it 1.0, and 5xx alone gave no
+    sample at all."""
+    settings = _settings(a={"provider": "litellm", "retry": {"max_retries": 1}})
+    client, metrics = _client(settings, _scripted(), rec)
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    }
+    client._litellm = _LitellmStandIn(answer, _ProviderError(503), answer)
+    assert (await client.complete("a", BODY)).chat_completion()["choices"][0]["message"]["content"] == "hi"
+    await client.complete("a", BODY)  # a 503, retried
+    assert _value(metrics, "apprentice_upstream_duration_seconds_count", upstream="a") == 3
+    assert _value(metrics, "apprentice_upstream_errors_total", upstream="a", kind="503") == 1
