@@ -134,7 +134,7 @@ def _verify(version_dir: Path, task: str, check: VersionCheck | None = None) -> 
     if manifest.version != version_dir.name:
         raise RegistryError(
             f"{manifest_path} names version {manifest.version!r}, but its directory is {version_dir.name!r}; "
-            "gateways refuse such a version (copy a version under its own name, or write a new one)"
+            "gateways refuse such a version (promote it under the name its manifest gives, or write a new one)"
         )
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     if digest != manifest.model_sha256:
