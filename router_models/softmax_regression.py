@@ -74,9 +74,10 @@ def sparse_targets(targets: npt.NDArray[np.float64], top_k: int, min_prob: float
     return out
 
 
-# The sparse products run over this many row blocks, one thread each: scipy's kernels release the GIL, so on
-# two cores X W takes about half the time and X^T G about 0.6. The split depends on N alone, never on the
-# machine, so a model is the same wherever it is fitted (X^T G adds the blocks' partial sums in a fixed order).
+# The loss and gradient run over this many row blocks, one thread each (X W, the softmax, X^T G): scipy's
+# kernels and numpy's element-wise work release the GIL, so on two cores X W takes about half the time and X^T G
+# about 0.6. The split depends on N alone, never on the machine, so a model is the same wherever it is fitted
+# (X^T G adds the blocks' partial sums in a fixed order).
 ROW_BLOCKS = 2
 # Below this many rows per block the second block costs more than it saves: X^T G then spends its time filling
 # and adding the [F, L] partial sums. With 20k features and 151 labels, X W + X^T G over N rows took 9.7 ms in
@@ -85,7 +86,7 @@ MIN_BLOCK_ROWS = 512
 
 
 class _SparseProducts:
-    """out = X @ dense and out = X^T @ dense for a CSR matrix X, without allocating, over row blocks in threads.
+    """X @ dense and X^T @ dense for a CSR matrix X, one row block at a time, without allocating.
 
     Fresh arrays of tens of MB cost page faults on every call, hence the preallocated outputs. X^T G goes
     through the CSC view of each block, scattering rows of G into the output: about three times faster than
@@ -148,32 +149,6 @@ class _SparseProducts:
         for partial in self.partials:
             out += partial
 
-    def times(self, dense: Float32Array, out: Float32Array) -> None:
-        """out [N, K] = X @ dense [F, K]."""
-
-        def block(k: int) -> Callable[[], None]:
-            def task() -> None:
-                a, b = self.blocks[k]
-                out[a:b].fill(0.0)
-                self.add_block_times(k, dense, out[a:b])
-
-            return task
-
-        self.run([block(k) for k in range(len(self.blocks))])
-
-    def transposed_times(self, dense: Float32Array, out: Float32Array) -> None:
-        """out [F, K] = X^T @ dense [N, K]."""
-
-        def block(k: int) -> Callable[[], None]:
-            def task() -> None:
-                a, b = self.blocks[k]
-                self.block_transposed_times(k, dense[a:b], out)
-
-            return task
-
-        self.run([block(k) for k in range(len(self.blocks))])
-        self.sum_partials(out)
-
 
 class _Objective:
     """Loss and gradient of the soft cross-entropy for flat float32 parameters [W (F*L) | b (L)].
@@ -197,7 +172,6 @@ class _Objective:
             self.xt = np.ascontiguousarray(self.x.T)
         if sp.issparse(self.x):
             self.products = _SparseProducts(self.x, targets.shape[1], pool)
-        self.t = targets
         self.n, self.f = self.x.shape[0], self.x.shape[1] + (0 if self.x_dense is None else self.x_dense.shape[1])
         self.f_sparse = self.x.shape[1]
         self.labels = targets.shape[1]

@@ -14,7 +14,7 @@ from gateway.inference_log import InferenceRecord
 from gateway.settings import LogConfig, Settings, TaskConfig
 from router_models import softmax_regression
 from router_models.distill_data import Example, read_log, soft_targets, time_split, to_examples
-from router_models.softmax_regression import _SparseProducts, fit_soft_softmax, sparse_targets
+from router_models.softmax_regression import fit_soft_softmax, sparse_targets
 
 LABELS = ["balance", "transfer", "weather"]
 
@@ -141,26 +141,6 @@ def _sparse_rows(n: int, f: int, seed: int) -> sp.csr_matrix:
     return x.tocsr()
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 3])
-def test_the_blocked_sparse_products_equal_scipys(monkeypatch: pytest.MonkeyPatch, blocks: int) -> None:
-    monkeypatch.setattr(softmax_regression, "ROW_BLOCKS", blocks)
-    monkeypatch.setattr(softmax_regression, "MIN_BLOCK_ROWS", 10)
-    x = _sparse_rows(101, 40, seed=blocks)  # 101 rows: blocks of unequal size
-    rng = np.random.default_rng(blocks)
-    w = rng.normal(size=(40, 7)).astype(np.float32)
-    g = rng.normal(size=(101, 7)).astype(np.float32)
-    with ThreadPoolExecutor(blocks) as pool:
-        products = _SparseProducts(x, 7, pool)
-        assert len(products.blocks) == blocks
-        z = np.full((101, 7), np.nan, dtype=np.float32)  # every entry must be written, none left over
-        grad = np.full((40, 7), np.nan, dtype=np.float32)
-        for _ in range(2):  # the preallocated partial sums are reused: a second call must not accumulate
-            products.times(w, z)
-            products.transposed_times(g, grad)
-            np.testing.assert_allclose(z, x @ w, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(grad, x.T @ g, rtol=1e-5, atol=1e-6)
-
-
 def test_the_model_does_not_depend_on_the_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two threads over two row blocks fit the same model as one pass, to float32 rounding (which 40 L-BFGS
     iterations amplify to about 1e-4 in the weights)."""
@@ -199,29 +179,34 @@ def test_reading_an_unreachable_postgresql_names_the_store_without_its_password(
     assert message.startswith("postgresql+psycopg://apprentice:***@127.0.0.1:1/test: ") and "s3cret" not in message
 
 
+@pytest.mark.parametrize("with_dense", [True, False], ids=["sparse+dense", "sparse"])
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 def test_the_loss_and_gradient_over_row_blocks_are_the_textbook_ones(
-    monkeypatch: pytest.MonkeyPatch, blocks: int
+    monkeypatch: pytest.MonkeyPatch, blocks: int, with_dense: bool
 ) -> None:
-    """Each block's thread does X W, the softmax and X^T G on its own rows: the loss and gradient must still be
-    soft cross-entropy plus the L2 term, computed here in float64 on the stacked matrix."""
+    """Each block's thread does X W, the softmax and X^T G on its own rows (97 rows: blocks of unequal size,
+    empty rows first, last and between): the loss and gradient must still be soft cross-entropy plus the L2
+    term, computed here in float64 on the stacked matrix, on every call (the partial sums are reused)."""
     from router_models.softmax_regression import SparseDense, _Objective
 
     monkeypatch.setattr(softmax_regression, "ROW_BLOCKS", blocks)
     monkeypatch.setattr(softmax_regression, "MIN_BLOCK_ROWS", 10)
     rng = np.random.default_rng(blocks)
     sparse = _sparse_rows(97, 30, seed=blocks)
-    dense = rng.normal(size=(97, 5)).astype(np.float32)
+    dense = rng.normal(size=(97, 5 if with_dense else 0)).astype(np.float32)
+    f = 30 + dense.shape[1]
     logits = rng.normal(size=(97, 6)) * 2
     targets = sparse_targets(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), top_k=3, min_prob=0.0)
-    w = rng.normal(size=35 * 6 + 6).astype(np.float32) * 0.3
+    w = rng.normal(size=f * 6 + 6).astype(np.float32) * 0.3
+    calls = []
     with ThreadPoolExecutor(blocks) as pool:
-        objective = _Objective(SparseDense(sparse, dense), targets, c=2.0, pool=pool)
+        objective = _Objective(SparseDense(sparse, dense) if with_dense else sparse, targets, c=2.0, pool=pool)
         assert objective.products is not None and len(objective.products.blocks) == blocks
-        grad = np.full_like(w, np.nan)
-        loss = objective(w, grad)
+        for _ in range(2):
+            grad = np.full_like(w, np.nan)  # every entry must be written
+            calls.append((objective(w, grad), grad))
     x = np.hstack([sparse.toarray(), dense]).astype(np.float64)
-    weights, bias = w[: 35 * 6].reshape(35, 6).astype(np.float64), w[35 * 6 :].astype(np.float64)
+    weights, bias = w[: f * 6].reshape(f, 6).astype(np.float64), w[f * 6 :].astype(np.float64)
     z = x @ weights + bias
     log_p = z - z.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
@@ -230,5 +215,6 @@ def test_the_loss_and_gradient_over_row_blocks_are_the_textbook_ones(
     expected_loss = -(t * log_p).sum() / 97 + 0.5 * l2 * (weights**2).sum()
     residual = (np.exp(log_p) - t) / 97
     expected_grad = np.concatenate([(x.T @ residual + l2 * weights).ravel(), residual.sum(0)])
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    for loss, grad in calls:
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
