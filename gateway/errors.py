@@ -7,7 +7,8 @@
     ├── NotFound / ModelNotFound  404 (model_not_found for unknown models)
     ├── PayloadTooLarge           413
     ├── UpstreamStatusError       the upstream's own 4xx/429 as it said it; 502 for its 5xx after retries
-    ├── UpstreamUnavailable       502 (connection refused, reset, bad response)
+    ├── UpstreamUnavailable       502 (connection refused, reset, a stream cut short)
+    ├── UpstreamBadAnswer         502 (a 200 that is not a chat completion, on a task's path)
     └── UpstreamTimeout           504 (connect, first byte or total deadline)
 
 The body is always `{"error": {"message", "type", "param", "code"}}`; `code` is a string or null, never an int.
@@ -120,36 +121,35 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_status = status
 
 
-class UpstreamUnavailable(UpstreamError):
-    status = 502
+class _UpstreamFailure(UpstreamError):
+    """An upstream failure the gateway describes itself: "upstream NAME <failure>: <detail>"."""
+
     type = "upstream_error"
-    code = "upstream_unavailable"
+    failure = ""
 
     def __init__(self, upstream: str, detail: str) -> None:
-        super().__init__(f"upstream {upstream} is unreachable: {detail}")
+        super().__init__(f"upstream {upstream} {self.failure}: {detail}")
         self.upstream = upstream
 
 
-class UpstreamBadAnswer(UpstreamError):
+class UpstreamUnavailable(_UpstreamFailure):
+    status = 502
+    code = "upstream_unavailable"
+    failure = "is unreachable"
+
+
+class UpstreamBadAnswer(_UpstreamFailure):
     """The upstream said 200 but sent something that is not a chat completion (an HTML error page, a list)."""
 
     status = 502
-    type = "upstream_error"
     code = "upstream_bad_response"
-
-    def __init__(self, upstream: str, detail: str) -> None:
-        super().__init__(f"upstream {upstream} answered with something that is not a chat completion: {detail}")
-        self.upstream = upstream
+    failure = "answered with something that is not a chat completion"
 
 
-class UpstreamTimeout(UpstreamError):
+class UpstreamTimeout(_UpstreamFailure):
     status = 504
-    type = "upstream_error"
     code = "upstream_timeout"
-
-    def __init__(self, upstream: str, detail: str) -> None:
-        super().__init__(f"upstream {upstream} timed out: {detail}")
-        self.upstream = upstream
+    failure = "timed out"
 
 
 def _upstream_error_fields(body: bytes) -> dict[str, str | None]:
