@@ -160,13 +160,19 @@ def time_split(
     the same traffic with many more rows. The hash keeps the split stable across runs.
 
     Sampled records (weight > 1: shadow records, each standing for 1 / shadow_rate requests) all go to the
-    calibration splits (router fit | conformal by the same hash), none to training: they are the only sample
-    of what the last specialist served, and spread thinly, one disagreement among a dozen shadow rows of
-    weight 20 decided tau (measured on a CLINC150 flywheel day: bound 0.058 with it, 0.022 without).
-    Their weights are rescaled by the ratio of inclusion probabilities (an ordinary record reaches a
-    calibration split with probability calibration_fraction / (train + calibration), a sampled one with
-    probability 1), so every weighted sum still estimates the same traffic (Horvitz-Thompson) with about a
-    third of the variance.
+    conformal split, none to training or the router fit: they are the only sample of what the last specialist
+    served, and tau rests on them. Their weights are rescaled by the ratio of inclusion probabilities (an
+    ordinary record reaches the conformal split with probability (1 - cut_train) * (1 - router_fit_share), a
+    sampled one with probability 1), so every weighted sum still estimates the same traffic (Horvitz-Thompson).
+    The smaller their weight beside the ordinary rows', the larger the effective sample size the bound on
+    disagreement rests on: one disagreement among a dozen shadow rows of weight 20 decided tau (measured on a
+    CLINC150 flywheel day: bound 0.058 with it, 0.022 without).
+
+    Measured on the third day of a CLINC150 flywheel run (7,653 inputs; the test split's in-scope inputs served
+    at the tau distill chose, over five draws of the hash): with the shadow rows shared between router fit and
+    conformal split as before, 0.78, 0.00, 0.51, 0.49 and 0.79; with all of them in the conformal split, 0.78,
+    0.76, 0.80, 0.73 and 0.80. The router fit then sees ordinary records only, which lean to what the last
+    specialist escalated; at equal tau out-of-scope recall moved by less than a point.
     """
     items = list(examples)
     n_holdout = round(len(items) * max(0.0, 1.0 - train_fraction - calibration_fraction))
@@ -176,14 +182,14 @@ def time_split(
     train: list[Example] = []
     router_fit: list[Example] = []
     conformal: list[Example] = []
+    # The chance that an ordinary record lands in the conformal split; a sampled one always does.
+    p_conformal = (1.0 - cut_train) * (1.0 - router_fit_share)
     for example in older:
-        u = int.from_bytes(hashlib.sha256(example.text.encode("utf-8")).digest()[:8], "big") / 2**64
         if example.weight > 1.0:
-            scaled = replace(example, weight=example.weight * (1.0 - cut_train))
-            # The hash alone picks the calibration split: router fit in [0, router_fit_share), else conformal.
-            (router_fit if u < router_fit_share else conformal).append(scaled)
-        else:
-            (train if u < cut_train else router_fit if u < cut_fit else conformal).append(example)
+            conformal.append(replace(example, weight=example.weight * p_conformal))
+            continue
+        u = int.from_bytes(hashlib.sha256(example.text.encode("utf-8")).digest()[:8], "big") / 2**64
+        (train if u < cut_train else router_fit if u < cut_fit else conformal).append(example)
     return Split(train=train, router_fit=router_fit, conformal=conformal, holdout=holdout)
 
 

@@ -89,22 +89,22 @@ def test_time_split_puts_the_newest_examples_in_the_holdout_and_hashes_the_rest(
     assert {e.text for e in again.conformal} == {e.text for e in split.conformal}
 
 
-def test_time_split_sends_sampled_rows_to_calibration_with_weights_for_the_same_traffic():
+def test_time_split_sends_sampled_rows_to_the_conformal_split_with_weights_for_the_same_traffic():
     ordinary = [Example(f"input {i}", "balance", None, float(i)) for i in range(4000)]
     shadow = [Example(f"shadow {i}", "balance", None, 4.0 * i + 0.5, weight=20.0) for i in range(1000)]
     newest = [Example(f"new {i}", "balance", None, 6000.0 + i) for i in range(900)]
     split = time_split(sorted(ordinary + shadow, key=lambda e: e.created_at) + newest, 0.6, 0.25, 0.4)
     assert all(e.text.startswith("new") for e in split.holdout)
-    assert not any(e.weight > 1.0 for e in split.train)
-    cut_train = 0.6 / 0.85
-    for part in (split.router_fit, split.conformal):
-        sampled = [e for e in part if e.text.startswith("shadow")]
-        assert sampled and all(e.weight == pytest.approx(20.0 * (1.0 - cut_train)) for e in sampled)
-    # Weighted, each calibration part still holds shadow and ordinary traffic in their true 20000 : 4000 ratio.
-    for part in (split.router_fit, split.conformal):
-        w_shadow = sum(e.weight for e in part if e.text.startswith("shadow"))
-        w_ordinary = sum(e.weight for e in part if e.text.startswith("input"))
-        assert w_shadow / w_ordinary == pytest.approx(20000 / 4000, rel=0.15)
+    # Every sampled row is in the conformal split, where tau is set; none trains or fits the router.
+    assert not any(e.weight > 1.0 for e in split.train + split.router_fit)
+    sampled = [e for e in split.conformal if e.text.startswith("shadow")]
+    assert len(sampled) == 1000
+    p_conformal = (1.0 - 0.6 / 0.85) * (1.0 - 0.4)  # an ordinary row's chance to land there
+    assert all(e.weight == pytest.approx(20.0 * p_conformal) for e in sampled)
+    # Weighted, the conformal split still holds shadow and ordinary traffic in their true 20000 : 4000 ratio.
+    w_shadow = sum(e.weight for e in sampled)
+    w_ordinary = sum(e.weight for e in split.conformal if e.text.startswith("input"))
+    assert w_shadow / w_ordinary == pytest.approx(20000 / 4000, rel=0.1)
 
 
 def test_sparse_targets_prune_and_renormalise():
