@@ -42,6 +42,10 @@ class InferenceRecord:
     score: float | None = None
     specialist_label: str | None = None
     specialist_version: str | None = None
+    # The teacher's finish_reason. Distill passes over "length" and "content_filter": a cut-short answer is
+    # neither a label nor a decline. None where the teacher never said (a stream that ended early) and in
+    # rows logged before the log schema's version 2.
+    finish_reason: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     input_sha256: str = ""

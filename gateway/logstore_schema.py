@@ -82,6 +82,9 @@ def _inference_log_v1(meta: MetaData) -> Table:
 
 # The live table the queries use: version 1 plus whatever later migrations add (append their columns here).
 inference_log = _inference_log_v1(metadata)
+inference_log.append_column(Column("finish_reason", Text, nullable=True))  # version 2
+# Fields a spool line written before their migration lacks: they read as None.
+_ADDED_FIELDS = frozenset({"finish_reason"})
 
 RECORD_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(InferenceRecord))
 _TEXT_FIELDS = frozenset(
@@ -94,8 +97,21 @@ def _v1_create_inference_log(conn: Connection) -> None:
     _inference_log_v1(MetaData()).create(conn)  # the table and its two indexes
 
 
+def _v2_add_finish_reason(conn: Connection) -> None:
+    # A nullable column without a default: instant on PostgreSQL and SQLite, whatever the table's size.
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    prep = conn.dialect.identifier_preparer
+    table = prep.quote_identifier("inference_log")
+    if schema:
+        table = f"{prep.quote_schema(schema)}.{table}"
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN finish_reason TEXT")
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
-MIGRATIONS: tuple[Migration, ...] = ((1, "create inference_log", _v1_create_inference_log),)
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "create inference_log", _v1_create_inference_log),
+    (2, "add inference_log.finish_reason", _v2_add_finish_reason),
+)
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
@@ -148,4 +164,4 @@ def record_to_row(record: InferenceRecord) -> dict[str, Any]:
 
 def row_to_record(row: Mapping[Any, Any]) -> InferenceRecord:
     """The record a row (or a spool line) holds."""
-    return InferenceRecord(**{name: row[name] for name in RECORD_FIELDS})
+    return InferenceRecord(**{name: row[name] for name in RECORD_FIELDS if name in row or name not in _ADDED_FIELDS})

@@ -40,6 +40,7 @@ from gateway.upstream import TeacherClient
 
 log = logging.getLogger("apprentice.tasks")
 FORCE_ROUTES = ("specialist", "teacher")
+CLIENT_CLOSED = 499  # the status logged and counted for a stream its client left before the end
 
 
 @dataclass(slots=True)
@@ -203,12 +204,14 @@ class TaskService:
         specialist = self.registry.get(task.name) if self.registry else None
         text = task_input_text(request, task.input)
         decision: Decision | None = None
-        if force == "teacher":
+        # Checked first, whatever else holds: distill passes over these answers, which reply to more than the
+        # input text (tools, an image, a JSON format, a token cap, ...), so they must be marked whenever logged.
+        if text is None or unsupported(request) is not None or len(text) > task.max_input_chars:
+            reason = "unsupported_request"
+        elif force == "teacher":
             reason = "forced"
         elif specialist is None:
             reason = "no_specialist"
-        elif text is None or unsupported(request) is not None or len(text) > task.max_input_chars:
-            reason = "unsupported_request"
         else:
             # The distribution is only needed for logprobs; skipping it saves a sort per request.
             top_k = max(1, request.top_logprobs or 0) if request.logprobs else 0
@@ -342,12 +345,15 @@ class TaskService:
 
             async def relay() -> AsyncIterator[bytes]:
                 rewriter = StreamRewriter(request)
-                status = 200
+                # 499 (nginx's "client closed request") unless the stream runs to its end: a client that goes
+                # away mid-answer leaves a partial text, which distill must not read as the teacher's answer.
+                status = CLIENT_CLOSED
                 try:
                     async for line in stream.lines():
                         out = rewriter.rewrite(line)
                         if out is not None:
                             yield out
+                    status = 200
                 except UpstreamError as exc:
                     status = exc.status
                     yield sse_error_event(exc)
@@ -428,6 +434,7 @@ class TaskService:
                 score=decision.score if decision else None,
                 specialist_label=decision.label if decision else None,
                 specialist_version=version,
+                finish_reason=reading.finish_reason,
             )
         )
 

@@ -58,6 +58,8 @@ class TeacherReading:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Why the teacher stopped ("stop", "length", ...); None until it says, which a stream cut short never does.
+    finish_reason: str | None = None
 
     def label(self, labels: LabelSet) -> str | None:
         return labels.parse(self.text)
@@ -78,7 +80,7 @@ class TeacherReading:
                     "index": 0,
                     "message": {"role": "assistant", "content": self.text},
                     "logprobs": {"content": self.logprobs} if self.logprobs else None,
-                    "finish_reason": "stop",
+                    "finish_reason": self.finish_reason,
                 }
             ],
             "usage": usage,
@@ -95,6 +97,8 @@ def read_completion(data: dict[str, Any]) -> TeacherReading:
         logprobs = choices[0].get("logprobs")
         entries = logprobs.get("content") if isinstance(logprobs, dict) else None
         reading.logprobs = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        finish = choices[0].get("finish_reason")
+        reading.finish_reason = finish if isinstance(finish, str) else None
     reading.prompt_tokens, reading.completion_tokens = usage_of(data)
     return reading
 
@@ -142,3 +146,5 @@ class StreamRewriter:
             entries = logprobs.get("content") if isinstance(logprobs, dict) else None
             if isinstance(entries, list):
                 self.reading.logprobs.extend(e for e in entries if isinstance(e, dict))
+            if isinstance(choice.get("finish_reason"), str):
+                self.reading.finish_reason = choice["finish_reason"]

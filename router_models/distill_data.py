@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 
+UNSUPPORTED = "unsupported_request"  # the gateway's reason for a request the specialist cannot honour
+CUT_SHORT = frozenset({"length", "content_filter"})
+
+
 @dataclass(frozen=True, slots=True)
 class Example:
     """One deduplicated input with the teacher's answer (`label` None = a decline: not a label)."""
@@ -54,6 +58,7 @@ def read_log(
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.logstore import LogStore
+    from gateway.logstore_schema import SchemaTooNewError
     from gateway.logstore_writer import brief
 
     url = make_url(settings.log.url)
@@ -63,8 +68,9 @@ def read_log(
         raise ValueError(f"there is no inference log at {database} (log.url); has a gateway with this config run?")
     store = LogStore(settings.log.url, chunk_size=10000)
     try:
+        store.migrate()  # a log no gateway of this version has opened yet lacks the newer columns
         return list(store.iter_records(task, since, bodies=False, on_bad_row=on_bad_row))
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, SchemaTooNewError) as exc:
         raise ValueError(f"{store.url}: {brief(exc)}") from exc
     finally:
         store.close()
@@ -79,7 +85,12 @@ def to_examples(
 ) -> tuple[list[Example], int]:
     """Dedupe by input hash keeping the latest answer; returns (examples oldest first, records read).
 
-    Failed teacher calls (non-2xx status) carry no answer and are skipped.
+    Records that are not the teacher's answer to the input text alone are passed over, so that they never
+    replace one that is: failed teacher calls and streams the client left early (non-2xx status: no answer,
+    or part of one); requests the specialist could not honour (reason `unsupported_request`: tools, an
+    image, a JSON response format, a token cap the label does not fit, ...), whose answer replies to more
+    than the text; and answers cut short (`finish_reason` "length" or "content_filter"), which are neither
+    a label nor a decline.
 
     Once a specialist serves, the log is not a sample of the traffic: every request the router sent to the
     teacher is there, but of those the specialist answered only the shadow share (`shadow_rate`). Each shadow
@@ -91,6 +102,8 @@ def to_examples(
     count = 0
     for record in records:
         if record.task != task or not 200 <= record.status < 300:
+            continue
+        if record.reason == UNSUPPORTED or record.finish_reason in CUT_SHORT:
             continue
         if since is not None and record.created_at < since:
             continue

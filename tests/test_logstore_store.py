@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import MetaData, create_engine, inspect, text, update
 
 import gateway.logstore_schema as schema
 from gateway.durations import parse_duration
@@ -162,17 +162,53 @@ def test_concurrent_migrations_apply_once(store_url):
 
 
 def test_failed_migration_leaves_nothing_behind(store, monkeypatch):
+    latest = schema.LATEST_VERSION
+    nxt = latest + 1
+
     def broken(conn) -> None:
         conn.execute(text("CREATE TABLE half_done (x INTEGER)"))
-        raise RuntimeError("migration 2 failed")
+        raise RuntimeError(f"migration {nxt} failed")
 
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, (2, "broken", broken)))
-    monkeypatch.setattr(schema, "LATEST_VERSION", 2)
-    with pytest.raises(RuntimeError, match="migration 2 failed"):
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, (nxt, "broken", broken)))
+    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
+    with pytest.raises(RuntimeError, match=f"migration {nxt} failed"):
         store.migrate()
     with store._engine.connect() as conn:
-        assert schema.current_version(conn) == 1
+        assert schema.current_version(conn) == latest
         assert not inspect(conn).has_table("half_done", schema=store.schema)
+
+
+def test_a_version_1_log_gains_finish_reason_and_keeps_its_rows(store_url, monkeypatch):
+    """A log an older apprentice wrote: its rows read back with finish_reason None, new rows keep theirs."""
+    log_store = LogStore(store_url)
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        monkeypatch.setattr(schema, "LATEST_VERSION", 1)
+        assert log_store.migrate() == 1
+        old = make_record(1)
+        v1_row = {k: v for k, v in schema.record_to_row(old).items() if k != "finish_reason"}
+        with log_store._engine.begin() as conn:
+            conn.execute(schema._inference_log_v1(MetaData()).insert(), [v1_row])
+            columns = inspect(conn).get_columns("inference_log", schema=log_store.schema)
+            assert "finish_reason" not in {c["name"] for c in columns}
+        monkeypatch.undo()
+        assert log_store.migrate() == schema.LATEST_VERSION == 2
+        new = make_record(2, finish_reason="length")
+        log_store.insert_many([new])
+        assert list(log_store.iter_records("intent")) == [old, new]
+        assert old.finish_reason is None
+    finally:
+        log_store.close()
+
+
+def test_a_spool_line_from_before_finish_reason_still_reads():
+    record = make_record(1, finish_reason="stop")
+    line = schema.record_to_row(record)
+    del line["finish_reason"]
+    assert schema.row_to_record(line) == dataclasses.replace(record, finish_reason=None)
+    del line["id"]  # a field every version wrote is still required
+    with pytest.raises(KeyError):
+        schema.row_to_record(line)
 
 
 def test_a_schema_newer_than_the_code_is_refused(store):

@@ -461,3 +461,69 @@ def test_the_token_cap_is_read_against_the_labels_own_length() -> None:
     assert token_cap(request(max_tokens=9, max_completion_tokens=4)) == 4
     assert not over_token_cap(request(max_tokens=2), "balance")
     assert over_token_cap(request(max_completion_tokens=1), "balance")
+
+
+# -- what the log keeps for distill ----------------------------------------------------------------------------
+
+
+def _distill_view(stack: TaskStack, task: str, marker: str, count: int) -> list[tuple[str, str | None]]:
+    """(input, label) of the examples distill would build from the log records sent with user=marker."""
+    from router_models.distill_data import to_examples
+
+    examples, _ = to_examples(stack.records(task, marker, count), task, INTENTS)
+    return [(e.text, e.label) for e in examples]
+
+
+def test_an_answer_cut_short_is_logged_as_such_and_never_replaces_a_label(
+    stack: TaskStack, client: openai.OpenAI, marker: str
+) -> None:
+    """A client's max_tokens cuts the teacher's answer: the log says "length", and distill keeps the input's
+    earlier, whole answer instead of reading the fragment as a decline."""
+    text = "what is my balance, " + marker
+    whole = client.chat.completions.create(
+        model="intent_empty", messages=user(text), user=marker, metadata={"x-fake-content": "balance"}
+    )
+    assert whole.choices[0].finish_reason == "stop"
+    cut = client.chat.completions.create(
+        model="intent_empty", messages=user(text), user=marker, max_tokens=2,
+        metadata={"x-fake-content": "The label is balance"},
+    )  # fmt: skip
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("The label", "length")
+    records = stack.records("intent_empty", marker, 2)
+    assert sorted((r.teacher_text, r.finish_reason) for r in records) == [("The label", "length"), ("balance", "stop")]
+    assert _distill_view(stack, "intent_empty", marker, 2) == [(text, "balance")]
+
+
+def test_a_request_no_specialist_could_honour_is_marked_even_without_a_specialist(
+    stack: TaskStack, client: openai.OpenAI, marker: str
+) -> None:
+    """Before any specialist exists, a JSON-format request still answers more than the input text: it is logged
+    as unsupported_request, and distill passes over it."""
+    text = "how much money do I have, " + marker
+    raw = client.chat.completions.with_raw_response.create(
+        model="intent_empty", messages=user(text), user=marker, response_format={"type": "json_object"}
+    )
+    assert (raw.headers["x-apprentice-route"], raw.headers["x-apprentice-reason"]) == ("teacher", "unsupported_request")
+    assert raw.parse().choices[0].message.content == "{}"
+    (record,) = stack.records("intent_empty", marker)
+    assert (record.reason, record.teacher_label, record.status) == ("unsupported_request", None, 200)
+    assert _distill_view(stack, "intent_empty", marker, 1) == []
+
+
+def test_a_stream_its_client_leaves_is_logged_as_499_and_not_learned_from(stack: TaskStack, marker: str) -> None:
+    body = {
+        "model": "intent_empty", "messages": user("set a timer, " + marker), "user": marker, "stream": True,
+        "metadata": {"x-fake-content": "the answer is timer", "x-fake-chunk-delay-ms": "300"},
+    }  # fmt: skip
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    before = stack.metric("apprentice_requests_total", model="intent_empty", route="teacher", status="499")
+    with httpx.stream("POST", stack.gateway.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status_code == 200
+        first = next(resp.iter_lines())
+        assert first.startswith("data: ")
+    # Closed after the first event, while the teacher still streams.
+    (record,) = stack.records("intent_empty", marker)
+    assert record.status == 499 and record.finish_reason is None
+    assert record.teacher_text != "the answer is timer"
+    assert _distill_view(stack, "intent_empty", marker, 1) == []
+    assert stack.metric("apprentice_requests_total", model="intent_empty", route="teacher", status="499") == before + 1
