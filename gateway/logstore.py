@@ -12,7 +12,6 @@ can be spooled and replayed without creating duplicates. The durable writer is `
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import sqlite3
@@ -29,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.durations import parse_duration
 from gateway.inference_log import InferenceRecord, InferenceSink, MemorySink
-from gateway.logstore_schema import apply_migrations, inference_log, record_to_row, row_to_record
+from gateway.logstore_schema import apply_migrations, inference_log, json_dumps, record_to_row, row_to_record
 from gateway.logstore_writer import LogWriter
 
 if TYPE_CHECKING:
@@ -37,9 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LogStore", "LogWriter", "create_sink", "prune_log"]
 
-# Strict JSON: PostgreSQL refuses NaN and Infinity, so such a record must fail alone (and be set aside by
-# the writer) rather than fail whichever batch it lands in.
-_json_dumps = functools.partial(json.dumps, allow_nan=False, separators=(",", ":"))
+
+MIGRATE_LOCK_TIMEOUT_MS = 5000
 
 
 class LogStore:
@@ -73,7 +71,7 @@ class LogStore:
                 raise ValueError("log store URL: in-memory SQLite is not supported; use memory:// or a file path")
             if not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(parsed, json_serializer=_json_dumps, hide_parameters=True)
+            engine = create_engine(parsed, json_serializer=json_dumps, hide_parameters=True)
             _configure_sqlite(engine, busy_timeout_ms)
         elif backend == "postgresql":
             if parsed.drivername == "postgresql":
@@ -81,7 +79,7 @@ class LogStore:
             # pre_ping: after an outage the pool holds dead connections; test each before use.
             engine = create_engine(
                 parsed,
-                json_serializer=_json_dumps,
+                json_serializer=json_dumps,
                 pool_pre_ping=True,
                 hide_parameters=True,  # errors are logged; parameters hold user text
                 connect_args={"connect_timeout": connect_timeout_s},
@@ -109,6 +107,9 @@ class LogStore:
         """Bring the schema to the latest version; idempotent and safe when replicas start together."""
         with self._write() as conn:
             if self.dialect == "postgresql":
+                # Waiting for a lock someone holds must not hold up a gateway's start: give up, and the writer
+                # spools until a later round migrates.
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_TIMEOUT_MS}ms'")
                 # A transaction-level advisory lock serialises concurrent migrators; it is released at commit.
                 key = int.from_bytes(
                     hashlib.sha256(f"apprentice.inference_log:{self.schema or ''}".encode()).digest()[:8],

@@ -8,6 +8,8 @@ inside the caller's transaction (which holds the lock that keeps two replicas ap
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -151,6 +153,27 @@ def _clean_text(value: str) -> str:
     except UnicodeEncodeError:
         value = value.encode("utf-8", "replace").decode("utf-8")
     return value
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and +-Infinity replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def json_dumps(value: Any, *, ensure_ascii: bool = False) -> str:
+    """Strict JSON for the log's JSON columns and spool lines. NaN and +-Infinity, which Python's parser reads
+    from a client's request and a teacher may send as a logprob of -Infinity, have no JSON spelling and
+    PostgreSQL refuses them: they are written as null, so that one such number costs itself, not the record."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=ensure_ascii)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"), ensure_ascii=ensure_ascii)
 
 
 def record_to_row(record: InferenceRecord) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.inference_log import InferenceRecord
-from gateway.logstore_schema import record_to_row, row_to_record
+from gateway.logstore_schema import json_dumps, record_to_row, row_to_record
 
 log = logging.getLogger("apprentice.logstore")
 
@@ -30,7 +30,7 @@ SPOOL_GLOB = "spool-*.jsonl"
 
 def encode_record(record: InferenceRecord) -> bytes:
     """One spool line. ASCII-only JSON, so lone surrogates in user text cannot break the encoding."""
-    return json.dumps(record_to_row(record), separators=(",", ":")).encode("ascii") + b"\n"
+    return json_dumps(record_to_row(record), ensure_ascii=True).encode("ascii") + b"\n"
 
 
 @dataclass(eq=False)
@@ -41,6 +41,20 @@ class Segment:
     file: BinaryIO
     lines: int = 0
     bad_lines: int = 0
+
+
+def _write_whole(segment: Segment, data: bytes) -> None:
+    """Append all of `data` or none of it: a write cut short (a full disk) is cut back off the file, so the
+    next append does not continue a torn line and lose its first record with it."""
+    fd = segment.file.fileno()
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.ftruncate(fd, start)
+        raise
 
 
 def _lock(file: BinaryIO) -> bool:
@@ -64,12 +78,19 @@ class Spool:
         self._sealed: list[Segment] = []
         self._unsynced = False
         self._closed = False
+        self._unreadable: set[Path] = set()  # paths that cannot be replayed, skipped after one error
 
     def _open_segment(self) -> Segment:
         self._seq += 1
         path = self.directory / f"{self._prefix}-{self._seq}.jsonl"
-        file = open(path, "xb")  # noqa: SIM115 - the segment outlives this call; closed by remove()/close()
-        _lock(file)  # a new file: nobody else can hold it
+        # Locked under a name other writers do not scan, then renamed: under its own name the file would be
+        # unlocked for a moment, and another writer could adopt it as an orphan while this one appends to it.
+        hidden = self.directory / f".{path.name}.new"
+        file = open(hidden, "xb", buffering=0)  # noqa: SIM115 - the segment outlives this call
+        if not _lock(file):
+            file.close()
+            raise OSError(f"cannot lock the new spool file {hidden}")
+        os.rename(hidden, path)
         self._fsync_directory()  # the new name must survive a crash as well as its contents
         return Segment(path, file)
 
@@ -90,8 +111,7 @@ class Spool:
                 # After close (a late submit): a segment of its own, closed at once, replayed by the next start.
                 segment = self._open_segment()
                 try:
-                    segment.file.write(data)
-                    segment.file.flush()
+                    _write_whole(segment, data)
                     os.fsync(segment.file.fileno())
                 finally:
                     segment.file.close()
@@ -99,8 +119,7 @@ class Spool:
             if self._current is None:
                 self._current = self._open_segment()
             segment = self._current
-            segment.file.write(data)
-            segment.file.flush()
+            _write_whole(segment, data)
             segment.lines += len(lines)
             if fsync:
                 os.fsync(segment.file.fileno())
@@ -137,9 +156,15 @@ class Spool:
             return list(self._sealed)
 
     def _adopt(self, path: Path) -> Segment | None:
+        if path in self._unreadable:
+            return None
         try:
             file = open(path, "rb")  # noqa: SIM115 - kept open to hold the lock until the segment is replayed
         except FileNotFoundError:
+            return None
+        except OSError as exc:  # a directory or a file this process may not read: not ours to replay
+            self._unreadable.add(path)
+            log.error("inference log: cannot open spool file %s (%s); left where it is", path, exc)
             return None
         if not _lock(file):
             file.close()  # a live process owns it
@@ -159,13 +184,17 @@ class Spool:
         """The segment's records in chunks; a torn or corrupt line is counted in segment.bad_lines."""
         segment.bad_lines = 0
         batch: list[InferenceRecord] = []
-        with open(segment.path, "rb") as reader:
+        try:
+            reader = open(segment.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # replayed and removed by another writer meanwhile: nothing left to do
+            return
+        with reader:
             for number, line in enumerate(reader, start=1):
                 if not line.strip():
                     continue
                 try:
                     batch.append(row_to_record(json.loads(line)))
-                except (ValueError, TypeError, KeyError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any line that is not a record; RecursionError too
                     segment.bad_lines += 1
                     log.error("inference log: unreadable line %d in %s (%s)", number, segment.path.name, exc)
                     continue

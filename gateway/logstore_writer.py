@@ -64,6 +64,10 @@ def _is_bad_record(exc: BaseException) -> bool:
     """Whether the store refused the data (this record) rather than failed (every record)."""
     if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
         return True
+    # Raised by the driver or a serialiser for a value it cannot send (psycopg binds outside SQLAlchemy's
+    # StatementError); an outage is an OSError or a DBAPIError, never these.
+    if isinstance(exc, ValueError | TypeError) and not isinstance(exc, OSError):
+        return True
     # A StatementError that is not a DBAPIError was raised while binding parameters (e.g. NaN in JSON).
     return isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import math
+import os
 import secrets
 import socket
 import sqlite3
@@ -20,6 +23,7 @@ import pytest
 
 from gateway.inference_log import InferenceRecord, input_hash
 from gateway.logstore import LogStore, LogWriter
+from gateway.logstore_spool import Spool, encode_record
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
 FAST = {"flush_interval_s": 0.02, "retry_initial_s": 0.05, "retry_max_s": 0.2}
@@ -346,26 +350,111 @@ async def test_a_live_writers_spool_is_not_taken_over(tmp_path):
     store.close()
 
 
-async def test_records_the_store_refuses_are_set_aside_not_lost(tmp_path, caplog):
+async def test_spool_lines_and_files_that_hold_no_record_never_stop_the_replay(tmp_path):
+    """Whatever an orphan spool holds that is not a record, the good lines are replayed and the store stays
+    in use: once, one such line (or a directory named like a spool file) stranded every later record."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [make_record(i) for i in range(3)]
+    bad_type = json.dumps({**json.loads(encode_record(good[0])), "id": "x", "input_sha256": "", "input_text": 7})
+    lines = [encode_record(good[0]), b"[" * 100_000 + b"\n", bad_type.encode() + b"\n", encode_record(good[1])]
+    (spool / "spool-1-1-aaaaaa-1.jsonl").write_bytes(b"".join(lines))
+    (spool / "spool-2-2-bbbbbb-1.jsonl").mkdir()
     store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=spool, **FAST)
+    await writer.start()
+    await wait_until(lambda: writer.stats.replayed == 2, what="the good lines replayed")
+    writer.submit(good[2])
+    await wait_until(lambda: writer.stats.written == 1, what="a new record written, not spooled")
+    assert writer.store_available
+    await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in good)
+    assert writer.stats.dropped == 2 and writer.stats.spooled == 0
+    store.close()
+
+
+def test_a_spool_append_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool")
+    first, second, third = (encode_record(make_record(i)) for i in range(3))
+    spool.append([first], fsync=True)
+    real_write = os.write
+
+    def half_then_full(fd: int, data) -> int:
+        monkeypatch.setattr(os, "write", full)
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    def full(fd: int, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        spool.append([second], fsync=True)
+    monkeypatch.setattr(os, "write", real_write)
+    spool.append([third], fsync=True)  # the disk has room again
+    (segment,) = spool.seal()
+    assert [r.id for chunk in spool.read(segment, 10) for r in chunk] == [
+        json.loads(first)["id"],
+        json.loads(third)["id"],
+    ]
+    assert segment.bad_lines == 0
+    spool.close()
+
+
+def test_a_new_spool_file_is_locked_before_other_writers_can_see_it(tmp_path, monkeypatch):
+    """Another writer adopts any spool-*.jsonl it can lock; a new segment must never be one for a moment."""
+    spool = Spool(tmp_path / "spool")
+    seen: list[bool] = []
+    real_rename = os.rename
+
+    def rename(src, dst) -> None:
+        # Just before the file takes its scanned name: nothing under that name yet, and its lock held.
+        seen.append(not list((tmp_path / "spool").glob("spool-*.jsonl")))
+        with open(src, "rb") as other:
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    spool.append([encode_record(make_record(1))], fsync=True)
+    assert seen == [True, True]
+    assert len(list((tmp_path / "spool").glob("spool-*.jsonl"))) == 1
+    spool.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_numbers_json_cannot_spell_are_stored_as_null_and_never_stop_the_log(tmp_path, caplog, request, backend):
+    """NaN and +-Infinity: Python's parser reads them from a client's request, and a teacher may send a logprob of
+    -Infinity. PostgreSQL refuses them in JSON; one such record once stopped every later write to it."""
+    url = f"sqlite:///{tmp_path}/log.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = LogStore(url)
     writer = LogWriter(store, spool_dir=tmp_path / "spool", **FAST)
     await writer.start()
-    nan = make_record(1, label_distribution={"balance": math.nan})  # not valid JSON for a database
-    unserialisable = make_record(2, request={"messages": object()})
-    good = [make_record(i) for i in range(3, 13)]
+    odd = [
+        make_record(1, label_distribution={"balance": math.nan, "timer": 0.5}),
+        make_record(2, request={"messages": [], "temperature": math.inf}),
+        make_record(3, response={"choices": [{"logprobs": {"content": [{"token": "x", "logprob": -math.inf}]}}]}),
+    ]
+    unserialisable = make_record(4, request={"messages": object()})
+    good = [make_record(i) for i in range(5, 15)]
     with caplog.at_level(logging.ERROR, logger="apprentice.logstore"):
-        for record in [*good[:5], nan, unserialisable, *good[5:]]:
+        for record in [*good[:5], *odd, unserialisable, *good[5:]]:
             writer.submit(record)
         await writer.aclose()
-    assert sorted(stored_ids(store)) == sorted(r.id for r in good)
-    assert writer.stats.written == 10 and writer.stats.rejected == 1
+    try:
+        stored = {r.id: r for r in store.iter_records("intent")}
+    finally:
+        store.close()
+    assert sorted(stored) == sorted(r.id for r in [*good, *odd])
+    assert stored[odd[0].id].label_distribution == {"balance": None, "timer": 0.5}
+    assert stored[odd[1].id].request["temperature"] is None
+    assert stored[odd[2].id].response["choices"][0]["logprobs"]["content"][0]["logprob"] is None
+    assert writer.stats.written == 13 and writer.stats.spooled == 0
     # The one legitimate drop: a record that cannot be serialised anywhere, and it is logged.
     assert writer.stats.dropped == 1
     assert any("DROPPED" in m and unserialisable.id in m for m in caplog.messages)
-    (rejected_file,) = (tmp_path / "spool").glob("rejected-*.jsonl")
-    kept = json.loads(rejected_file.read_text().splitlines()[0])
-    assert kept["record"]["id"] == nan.id
-    assert "not JSON compliant" in kept["error"]
 
 
 async def test_redaction_happens_before_the_write(tmp_path):
