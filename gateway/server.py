@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from dataclasses import asdict, dataclass
@@ -97,11 +96,14 @@ def app_factory() -> FastAPI:
 def _prepare_multiprocess_metrics(workers: int) -> None:
     """Several workers need a shared metrics directory; one set by the operator is honoured even for one.
 
-    Either way it is wiped at launch: files of a previous run would be summed into this one's counters.
+    Either way its metric files are removed at launch: files of a previous run would be summed into this one's
+    counters. Only those (prometheus_client's `*.db`): the directory may be shared, or set to /tmp by mistake.
     """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
-        shutil.rmtree(directory, ignore_errors=True)
+        for stale in Path(directory).glob("*.db"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
     elif workers > 1:
         directory = tempfile.mkdtemp(prefix="apprentice-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory

@@ -47,9 +47,14 @@ def resolve_secret(reference: str, *, key: str) -> str:
     if reference.startswith("file:"):
         path = Path(reference[5:])
         try:
-            return path.read_text(encoding="utf-8").strip()
+            value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{key}: secret file {path} is not UTF-8 text") from exc
+        if not value:
+            raise ConfigError(f"{key}: secret file {path} is empty")
+        return value
     return reference
 
 
@@ -75,7 +80,10 @@ class AuthConfig(_Strict):
         keys: set[str] = set()
         for i, ref in enumerate(getattr(self, which)):
             raw = resolve_secret(ref.get_secret_value(), key=f"auth.{which}[{i}]")
-            keys.update(k.strip() for k in raw.split(",") if k.strip())
+            found = {k.strip() for k in raw.split(",") if k.strip()}
+            if not found:  # a listed key that is blank would otherwise switch authentication off
+                raise ConfigError(f"auth.{which}[{i}] is empty: give a key, or remove the entry")
+            keys.update(found)
         return frozenset(keys)
 
 

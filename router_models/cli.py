@@ -37,6 +37,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for a file-system refusal (a read-only registry, a path that is a file, ...)."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -122,6 +128,9 @@ def distill(
     except DistillError as exc:
         _fail(str(exc))
         return
+    except OSError as exc:
+        _fail(_os_error(exc))
+        return
     verdict = "promoted" if outcome.promoted else "not promoted"
     typer.echo(f"{task}: {verdict} ({outcome.reason}); version {outcome.version}; report {outcome.report_dir}")
 
@@ -183,6 +192,11 @@ def registry_promote(
         previous = promote(settings.registry.path, task, version, check=_gateway_check(settings, task))
     except RegistryError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error(exc))
+    if previous == version:
+        typer.echo(f"{task}: {version} is already current; nothing changed")
+        return
     typer.echo(f"{task}: current is now {version} (was {previous})")
 
 
@@ -200,6 +214,9 @@ def registry_rollback(
         version = rollback(settings.registry.path, task, check=_gateway_check(settings, task))
     except RegistryError as exc:
         _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(_os_error(exc))
         return
     typer.echo(f"{task}: rolled back; current is now {version}")
 
@@ -270,6 +287,7 @@ def demo(
     """The whole flywheel offline: reference teacher, gateway, distill each day, then serve the specialist."""
     from router_models.datasets import DatasetError
     from router_models.demo import run_demo
+    from router_models.flywheel import WorkdirError
 
     if student not in ("tfidf", "minilm"):
         _fail(f"--student must be tfidf or minilm, not {student!r}")
@@ -278,7 +296,7 @@ def demo(
             data=data, workdir=workdir, days=days, student=student, serve=serve,
             traffic_limit=traffic_limit, test_limit=test_limit,
         )  # fmt: skip
-    except DatasetError as exc:
+    except (DatasetError, WorkdirError) as exc:
         _fail(str(exc))
 
 

@@ -354,11 +354,30 @@ def _share(num: int, den: int) -> float:
     return num / den if den else 0.0
 
 
+class WorkdirError(ValueError):
+    """The workdir holds a registry or log that a flywheel run did not create: it is not the flywheel's to clear."""
+
+
+MARKER = ".apprentice-flywheel"  # written into every workdir a flywheel run has cleared and filled
+
+
 def _fresh(workdir: Path) -> None:
-    """The flywheel owns its workdir: every run starts with an empty registry and log."""
+    """The flywheel owns its workdir: every run starts with an empty registry and log. A workdir it did not
+    fill (no marker, and not the layout of a run from before the marker) is refused, never cleared: pointed at a
+    gateway's own directory by mistake, the demo would delete its registry and log."""
     import shutil
 
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} is a file, not a directory")
+    owned = (workdir / MARKER).is_file() or (workdir / "logs" / "teacher.log").is_file()
+    found = [p.name for p in (workdir / "registry", workdir / "spool", workdir / "inference.db") if p.exists()]
+    if found and not owned:
+        raise WorkdirError(
+            f"workdir {workdir} already holds {', '.join(found)}, not from a flywheel run; "
+            "give an empty or new directory (the flywheel clears its workdir)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("apprentice flywheel workdir: cleared at the start of every run\n")
     for name in ("registry", "spool", "logs"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     for db in workdir.glob("inference.db*"):
@@ -366,8 +385,8 @@ def _fresh(workdir: Path) -> None:
 
 
 def run_flywheel(cfg: FlywheelConfig, progress: Progress = print) -> FlywheelResult:
+    dataset: Dataset = load_dataset(cfg.data)  # a bad --data path fails before anything is cleared
     _fresh(cfg.workdir)
-    dataset: Dataset = load_dataset(cfg.data)
     traffic = traffic_examples(dataset, cfg.seed)
     random.Random(cfg.seed).shuffle(traffic)
     if cfg.traffic_limit is not None:

@@ -231,6 +231,8 @@ def promote(
         raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {version_dir.parent}")
     with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
         _verify(version_dir, task, check)
+        if current_version(registry_dir, task) == version:
+            return version  # already current: no history entry, or a rollback would "return" to it
         return _set_current(registry_dir, task, version, "promote")
 
 
@@ -258,7 +260,9 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
         stack = _promotion_stack(registry_dir, task)
         while stack and stack[-1] != current:
             stack.pop()
-        candidates = stack[:-1][::-1]
+        # Never the current version itself: a history may hold it twice in a row (written before promote
+        # refused to re-promote it), and "rolling back" to it would change nothing.
+        candidates = [v for v in dict.fromkeys(stack[:-1][::-1]) if v != current]
         if not candidates:
             older = [v.version for v in list_versions(registry_dir, task) if v.version < current]
             candidates = older[::-1]

@@ -219,3 +219,20 @@ def test_a_dead_workers_live_gauges_are_forgotten_by_the_next_worker(tmp_path: P
         alive.wait()
         if alive.stdout is not None:
             alive.stdout.close()
+
+
+def test_a_shared_metrics_directory_loses_only_its_stale_metric_files(tmp_path: Path, monkeypatch) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set to a shared directory (or /tmp by mistake): the launch removes the previous
+    run's metric files, which would be summed into this run's counters, and nothing else."""
+    from gateway.server import _prepare_multiprocess_metrics
+
+    (tmp_path / "other_app").mkdir()
+    (tmp_path / "other_app" / "data.txt").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    (tmp_path / "counter_123.db").write_bytes(b"stale")
+    (tmp_path / "gauge_livesum_123.db").write_bytes(b"stale")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    _prepare_multiprocess_metrics(workers=2)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "notes.txt", "other_app", "other_app/data.txt",
+    ]  # fmt: skip

@@ -113,6 +113,44 @@ def test_demo_no_serve_runs_and_reports_the_saving(small_jsonl: Path, tmp_path: 
     assert (tmp_path / "demo" / "registry" / "intent" / "current").is_file()
 
 
+def _a_gateways_own_directory(root: Path) -> list[Path]:
+    (root / "registry" / "intent").mkdir(parents=True)
+    kept = [root / "registry" / "intent" / "current", root / "inference.db", root / "apprentice.yaml"]
+    for path in kept:
+        path.write_text("a gateway's own\n")
+    return kept
+
+
+@pytest.mark.parametrize("data", ["missing.jsonl", "the small dataset"])
+def test_the_demo_never_clears_a_directory_it_did_not_fill(small_jsonl: Path, tmp_path: Path, data: str) -> None:
+    """Pointed at a gateway's own registry and log by mistake, the demo refuses and deletes nothing, whether
+    its --data is good or not (a bad --data once failed only after the workdir had been cleared)."""
+    workdir = tmp_path / "work"
+    kept = _a_gateways_own_directory(workdir)
+    path = small_jsonl if data == "the small dataset" else tmp_path / data
+    proc = _run(
+        ["-m", "router_models.cli", "demo", "--data", str(path), "--days", "1", "--no-serve",
+         "--workdir", str(workdir)],
+        tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert ("not from a flywheel run" if path == small_jsonl else "missing.jsonl") in proc.stderr
+    assert all(p.read_text() == "a gateway's own\n" for p in kept)
+
+
+def test_a_flywheel_workdir_is_cleared_for_the_next_run(small_jsonl: Path, tmp_path: Path) -> None:
+    """A run's own workdir, marked by it, is cleared before the next run reads anything into it."""
+    from router_models.flywheel import MARKER, _fresh
+
+    workdir = tmp_path / "work"
+    _fresh(workdir)
+    assert (workdir / MARKER).is_file()
+    _a_gateways_own_directory(workdir)
+    _fresh(workdir)
+    assert not (workdir / "registry").exists() and not (workdir / "inference.db").exists()
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])

@@ -231,3 +231,42 @@ def test_the_cli_refuses_to_promote_or_roll_back_to_what_the_gateway_would_not_l
     rolled = cli("rollback")
     assert rolled.returncode == 0, rolled.stderr
     assert current_version(registry, TASK) == older, "rollback must pass over the version gateways refuse"
+
+
+def test_promoting_the_current_version_changes_nothing_and_rollback_never_returns_to_it(tmp_path):
+    """Re-promoting the current version once wrote a second history entry for it, and the next rollback then
+    reported success while `current` stayed on the version the operator wanted gone."""
+    v1, v2 = (_version(tmp_path, n) for n in (1, 2))
+    promote(tmp_path, TASK, v1)
+    promote(tmp_path, TASK, v2)
+    history = tmp_path / TASK / "history.jsonl"
+    before = history.read_text()
+    assert promote(tmp_path, TASK, v2) == v2
+    assert history.read_text() == before
+    # A history an older apprentice wrote, with the current version promoted twice in a row.
+    with history.open("a") as f:
+        f.write(json.dumps({"action": "promote", "version": v2, "previous": v2, "at": time.time()}) + "\n")
+    assert rollback(tmp_path, TASK) == v1
+    assert current_version(tmp_path, TASK) == v1
+
+
+@pytest.mark.parametrize("command", [["registry", "rollback"], ["registry", "promote", "v1"], ["distill"]])
+def test_a_registry_path_that_is_a_file_is_one_line_not_a_traceback(tmp_path, command):
+    from task_stack import INTENTS
+
+    registry = tmp_path / "registry-file"
+    registry.write_text("not a directory")
+    config = tmp_path / "apprentice.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "tasks": {TASK: {"teacher": "gpt-4o", "labels": INTENTS}}, "registry": {"path": str(registry)},
+            "log": {"url": f"sqlite:///{tmp_path / 'log.db'}"},
+        })
+    )  # fmt: skip
+    (tmp_path / "log.db").touch()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "router_models.cli", *command, "--task", TASK, "--config", str(config)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "registry-file" in proc.stderr and proc.stderr.startswith("error: ")

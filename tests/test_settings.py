@@ -169,6 +169,17 @@ def test_an_unresolvable_secret_names_the_key(tmp_path: Path, monkeypatch: pytes
         resolve_secret(f"file:{tmp_path / 'absent'}", key="auth.api_keys[0]")
 
 
+@pytest.mark.parametrize("listed", ["file", "blank", "commas"])
+def test_a_listed_client_key_that_is_empty_is_refused_not_read_as_no_auth(tmp_path: Path, listed: str) -> None:
+    """An empty secret file (or a blank key) once left api_keys empty, which on loopback means no auth at all."""
+    empty = tmp_path / "empty-key"
+    empty.write_text("  \n", encoding="utf-8")
+    ref = {"file": f"file:{empty}", "blank": "", "commas": " , "}[listed]
+    settings = load_settings(_write(tmp_path, {"auth": {"api_keys": ["sk-one", ref]}}))
+    with pytest.raises(ConfigError, match=r"auth\.api_keys\[1\]"):
+        settings.auth.resolved("api_keys")
+
+
 def test_keys_resolve_from_references_and_stay_out_of_reprs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNIT_CLIENT_KEYS", "sk-one, sk-two,")
     monkeypatch.setenv("UNIT_UPSTREAM_KEY", "sk-upstream")
