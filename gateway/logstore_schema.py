@@ -166,14 +166,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def json_dumps(value: Any, *, ensure_ascii: bool = False) -> str:
+def json_dumps(value: Any) -> str:
     """Strict JSON for the log's JSON columns and spool lines. NaN and +-Infinity, which Python's parser reads
     from a client's request and a teacher may send as a logprob of -Infinity, have no JSON spelling and
-    PostgreSQL refuses them: they are written as null, so that one such number costs itself, not the record."""
+    PostgreSQL refuses them: they are written as null, so that one such number costs itself, not the record.
+    ASCII-only, so a lone surrogate in user text cannot break the encoding."""
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=ensure_ascii)
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
     except ValueError:
-        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"), ensure_ascii=ensure_ascii)
+        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
 
 
 def record_to_row(record: InferenceRecord) -> dict[str, Any]:

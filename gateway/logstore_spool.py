@@ -30,7 +30,7 @@ SPOOL_GLOB = "spool-*.jsonl"
 
 def encode_record(record: InferenceRecord) -> bytes:
     """One spool line. ASCII-only JSON, so lone surrogates in user text cannot break the encoding."""
-    return json_dumps(record_to_row(record), ensure_ascii=True).encode("ascii") + b"\n"
+    return json_dumps(record_to_row(record)).encode("ascii") + b"\n"
 
 
 @dataclass(eq=False)
