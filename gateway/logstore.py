@@ -50,7 +50,10 @@ class LogStore:
         busy_timeout_ms: int = 5000,
         connect_timeout_s: int = 5,
         chunk_size: int = 1000,
+        create: bool = True,
     ) -> None:
+        """`create=False` is for tools that read or prune an existing log: a SQLite file that does not exist is
+        an error naming it, where a writer would create it (a mistyped path must not yield a fresh, empty log)."""
         if url.startswith("memory:"):
             raise ValueError("memory:// keeps nothing and has no store; use create_sink() for it")
         parsed = make_url(url)
@@ -70,6 +73,8 @@ class LogStore:
                 # Each pooled connection would get its own empty database; the writer's threads would not agree.
                 raise ValueError("log store URL: in-memory SQLite is not supported; use memory:// or a file path")
             if not database.startswith("file:"):
+                if not create and not Path(database).is_file():
+                    raise ValueError(f"there is no inference log at {database} (log.url)")
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(parsed, json_serializer=json_dumps, hide_parameters=True)
             _configure_sqlite(engine, busy_timeout_ms)
@@ -297,7 +302,7 @@ def create_sink(cfg: LogConfig) -> InferenceSink:
 def prune_log(url: str, older_than: str) -> int:
     """`apprentice log prune --older-than DURATION`: delete older records, return how many."""
     seconds = parse_duration(older_than)
-    store = LogStore(url)
+    store = LogStore(url, create=False)
     try:
         store.migrate()  # a store that was never written to has no table yet; pruning it removes nothing
         return store.prune(seconds)

@@ -61,7 +61,27 @@ def build_settings(args: ServeArgs) -> Settings:
     settings = load_settings(Path(args.config) if args.config else None, **overrides)
     check_secrets(settings)
     check_bind(settings)
+    check_teachers(settings)
     return settings
+
+
+def check_teachers(settings: Settings) -> None:
+    """Every task's teacher must be a model some upstream serves: otherwise each request of the task would get a
+    404 naming a model its client never sent, while /readyz said ready. (Distill and the registry commands load
+    the same file and need no upstreams, so this is checked where the gateway starts.)"""
+    open_ended = settings.default_upstream is not None or any(
+        "*" in up.models or up.discover_models for up in settings.upstreams.values()
+    )
+    served = settings.upstream_models()
+    for name, task in settings.tasks.items():
+        if task.teacher == name:
+            raise ConfigError(f"tasks.{name}.teacher: a task cannot be its own teacher")
+        if not open_ended and task.teacher not in served:
+            known = ", ".join(sorted(served)) or "none"
+            raise ConfigError(
+                f"tasks.{name}.teacher: no upstream serves {task.teacher!r} (models listed: {known}); add it to "
+                "an upstream's models, or set default_upstream"
+            )
 
 
 def check_secrets(settings: Settings) -> None:

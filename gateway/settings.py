@@ -28,6 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -331,6 +332,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         _check_env_case(data or {}, path)
@@ -339,3 +344,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         return settings_cls(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from exc
+    except SettingsError as exc:  # an APPRENTICE_* variable for a list or mapping that is not JSON
+        raise ConfigError(
+            f"{exc}: a list or mapping set through an APPRENTICE_* variable must be JSON, e.g. "
+            "APPRENTICE_AUTH__API_KEYS='[\"env:CLIENT_KEYS\"]'"
+        ) from exc

@@ -258,8 +258,13 @@ def test_count_and_prune(store):
 
 def test_prune_log_parses_the_duration(tmp_path):
     url = f"sqlite:///{tmp_path}/inference.db"
-    assert prune_log(url, "30d") == 0  # a store never written to is created, not an error
+    # A mistyped path is an error naming it: a cron job pruning a fresh, empty log every night while the real
+    # one grows must not look like success. Nothing is created there.
+    with pytest.raises(ValueError, match=f"there is no inference log at {tmp_path}/inference.db"):
+        prune_log(url, "30d")
+    assert list(tmp_path.iterdir()) == []
     log_store = LogStore(url)
+    log_store.migrate()
     log_store.insert_many([make_record(1, created_at=time.time() - 7200), make_record(2, created_at=time.time())])
     log_store.close()
     assert prune_log(url, "90m") == 1

@@ -279,3 +279,35 @@ def test_an_environment_override_that_cannot_reach_a_mixed_case_key_is_refused(
         load_settings(_write(tmp_path, config))
     config = {"upstreams": {"teacher": {"api_base": "http://127.0.0.1:9/v1", "models": ["m"]}}}
     assert load_settings(_write(tmp_path, config)).upstreams["teacher"].api_base == "http://127.0.0.1:10/v1"
+
+
+def test_serve_refuses_a_task_whose_teacher_no_upstream_serves(tmp_path: Path) -> None:
+    from gateway.server import check_teachers
+
+    task = {"teacher": "gpt-4o", "labels": ["a", "b"]}
+    listed = {"upstreams": {"a": {**UPSTREAM, "models": ["gpt-4o-mini"]}}}
+    with pytest.raises(ConfigError, match=r"tasks\.intent\.teacher: no upstream serves 'gpt-4o'.*gpt-4o-mini"):
+        check_teachers(load_settings(_write(tmp_path, {**listed, "tasks": {"intent": task}})))
+    with pytest.raises(ConfigError, match=r"tasks\.intent\.teacher: a task cannot be its own teacher"):
+        check_teachers(load_settings(_write(tmp_path, {**listed, "tasks": {"intent": {**task, "teacher": "intent"}}})))
+    # Served: listed, a wildcard upstream, or a default upstream.
+    for upstreams, extra in [
+        ({"a": {**UPSTREAM, "models": ["gpt-4o"]}}, {}),
+        ({"a": {**UPSTREAM, "models": ["*"]}}, {}),
+        ({"a": {**UPSTREAM, "models": ["gpt-4o-mini"]}}, {"default_upstream": "a"}),
+    ]:
+        check_teachers(load_settings(_write(tmp_path, {"upstreams": upstreams, "tasks": {"intent": task}, **extra})))
+
+
+def test_a_config_that_is_not_utf8_or_an_env_list_that_is_not_json_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"server:\n  port: 8000\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"binary\.yaml is not UTF-8 text"):
+        load_settings(binary)
+    monkeypatch.setenv("APPRENTICE_AUTH__API_KEYS", "k1,k2")
+    with pytest.raises(ConfigError, match=r"must be JSON, e\.g\. APPRENTICE_AUTH__API_KEYS="):
+        load_settings(_write(tmp_path, {}))
+    monkeypatch.setenv("APPRENTICE_AUTH__API_KEYS", '["k1", "k2"]')
+    assert load_settings(_write(tmp_path, {})).auth.resolved("api_keys") == {"k1", "k2"}
