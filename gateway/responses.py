@@ -85,12 +85,18 @@ def _logprobs(answer: SpecialistAnswer, top: int) -> dict[str, Any]:
     }
 
 
-def _usage(answer: SpecialistAnswer) -> dict[str, int]:
+def _usage(answer: SpecialistAnswer) -> dict[str, Any]:
+    # The details OpenAI's answers carry, all zero here: clients read e.g. usage.prompt_tokens_details.cached_tokens
+    # without checking, and must not fail only when the specialist answered.
     return {
         "prompt_tokens": answer.prompt_tokens,
         "completion_tokens": answer.completion_tokens,
         "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-    }
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+        },
+    }  # fmt: skip
 
 
 def completion_body(answer: SpecialistAnswer, request: ChatCompletionRequest) -> dict[str, Any]:
@@ -100,11 +106,12 @@ def completion_body(answer: SpecialistAnswer, request: ChatCompletionRequest) ->
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
+        "service_tier": "default",
         "system_fingerprint": f"apprentice-{answer.task}-{answer.version}",
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": answer.label, "refusal": None},
+                "message": {"role": "assistant", "content": answer.label, "refusal": None, "annotations": []},
                 "logprobs": logprobs,
                 "finish_reason": "stop",
             }
@@ -121,6 +128,7 @@ def stream_events(answer: SpecialistAnswer, request: ChatCompletionRequest) -> I
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": request.model,
+        "service_tier": "default",
         "system_fingerprint": f"apprentice-{answer.task}-{answer.version}",
     }
     logprobs = _logprobs(answer, request.top_logprobs or 0) if request.logprobs else None

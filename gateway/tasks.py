@@ -88,6 +88,13 @@ def over_token_cap(request: ChatCompletionRequest, label: str) -> bool:
     return cap is not None and math.ceil(len(label) / 4) > cap
 
 
+def cut_by_stop(request: ChatCompletionRequest, label: str) -> bool:
+    """Whether one of the client's stop sequences occurs in `label`: the teacher would end its answer there
+    (the text OpenAI returns never holds a stop sequence); the specialist cannot, so the teacher answers."""
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    return any(stop and stop in label for stop in stops)
+
+
 class TaskService:
     def __init__(
         self,
@@ -219,7 +226,9 @@ class TaskService:
             self.metrics.child(self.metrics.specialist_latency, task.name).observe(decision.inference_ms / 1000)
             self.metrics.child(self.metrics.router_score, task.name).observe(decision.score)
             capped = (
-                decision.route == "specialist" and force != "specialist" and over_token_cap(request, decision.label)
+                decision.route == "specialist"
+                and force != "specialist"
+                and (over_token_cap(request, decision.label) or cut_by_stop(request, decision.label))
             )
             if (decision.route == "specialist" and not capped) or force == "specialist":
                 state.served += 1

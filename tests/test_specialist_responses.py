@@ -55,6 +55,20 @@ def test_completion_is_a_chat_completion_whose_content_is_the_label() -> None:
     assert (parsed.usage.prompt_tokens, parsed.usage.completion_tokens, parsed.usage.total_tokens) == (12, 2, 14)
 
 
+def test_the_specialists_answer_carries_the_fields_clients_read_from_openais() -> None:
+    """Code written against OpenAI reads these without checking; it must not fail only on the specialist's answers."""
+    parsed = ChatCompletion.model_validate(completion_body(answer(), request()))
+    assert parsed.usage is not None and parsed.usage.prompt_tokens_details is not None
+    assert parsed.usage.prompt_tokens_details.cached_tokens == 0
+    assert parsed.usage.completion_tokens_details is not None
+    assert parsed.usage.completion_tokens_details.reasoning_tokens == 0
+    assert parsed.service_tier == "default" and parsed.choices[0].message.annotations == []
+    chunks, _ = events(request(stream=True, stream_options={"include_usage": True}))
+    last = ChatCompletionChunk.model_validate(chunks[-1])
+    assert last.usage is not None and last.usage.prompt_tokens_details is not None
+    assert all(c["service_tier"] == "default" for c in chunks)
+
+
 def test_each_completion_has_its_own_id() -> None:
     assert completion_body(answer(), request())["id"] != completion_body(answer(), request())["id"]
 

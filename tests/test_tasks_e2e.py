@@ -352,13 +352,14 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,i
 
 @pytest.mark.parametrize(
     "shape",
-    ["image", "audio_out", "max_tokens", "max_completion_tokens", "too_long"],
+    ["image", "audio_out", "max_tokens", "max_completion_tokens", "stop", "too_long"],
 )
 def test_a_confident_input_in_a_request_the_specialist_cannot_honour_goes_to_the_teacher(
     stack: TaskStack, marker: str, shape: str
 ) -> None:
-    """An image it cannot see, audio it cannot speak, a token cap its label would break, an input beyond
-    max_input_chars: each goes to the teacher, where the same text alone is served by the specialist."""
+    """An image it cannot see, audio it cannot speak, a token cap its label would break, a stop sequence inside
+    its label (OpenAI's text never holds one), an input beyond max_input_chars: each goes to the teacher, where
+    the same text alone is served by the specialist."""
     text, label = next((t, lab) for t, lab in stack.confident if len(lab) > 4)  # over one token by chars/4
     messages: list[dict[str, Any]] = [{"role": "user", "content": text}]
     extra: dict[str, Any] = {}
@@ -368,6 +369,8 @@ def test_a_confident_input_in_a_request_the_specialist_cannot_honour_goes_to_the
         extra = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
     elif shape in ("max_tokens", "max_completion_tokens"):
         extra = {shape: 1}
+    elif shape == "stop":
+        extra = {"stop": ["\n\n", label[1:3]]}
     else:
         limit: int = TaskConfig.model_fields["max_input_chars"].default
         messages = [{"role": "user", "content": (text + " ") * (limit // len(text) + 1)}]
@@ -380,6 +383,9 @@ def test_a_confident_input_in_a_request_the_specialist_cannot_honour_goes_to_the
             exact = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text), shape: fits})
             assert exact.headers["x-apprentice-route"] == "specialist", "a cap the label fits in changes nothing"
             assert exact.json()["usage"]["completion_tokens"] <= fits
+        if shape == "stop":
+            other = http.post("/v1/chat/completions", json={"model": "intent", "messages": user(text), "stop": "zqx"})
+            assert other.headers["x-apprentice-route"] == "specialist", "a stop sequence not in the label is moot"
         resp = http.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     route = (resp.headers["x-apprentice-route"], resp.headers["x-apprentice-reason"])
