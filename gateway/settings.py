@@ -251,6 +251,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _references(self) -> Settings:
         for name, task in self.tasks.items():
+            # A task's name is a directory of the registry: ".." or "a/b" would put versions outside it, and a
+            # leading dot is how the registry marks its temporary directories.
+            if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+                raise ValueError(f"tasks.{name!r}: a task name must not be empty, start with '.' or hold '/' or '\\'")
             if task.name and task.name != name:
                 raise ValueError(f"tasks.{name}.name: must equal its key or be omitted")
             task.name = name

@@ -281,8 +281,8 @@ def demo(
     student: Annotated[str, typer.Option(help="tfidf or minilm.")] = "tfidf",
     workdir: Annotated[Path, typer.Option(help="Registry, log, configs and plot go here.")] = Path(".apprentice/demo"),
     serve: Annotated[bool, typer.Option(help="Keep serving the trained specialist until Ctrl-C.")] = True,
-    traffic_limit: Annotated[int | None, typer.Option(help="Replay at most this many requests.")] = None,
-    test_limit: Annotated[int | None, typer.Option(help="Test on at most this many requests.")] = None,
+    traffic_limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many requests.")] = None,
+    test_limit: Annotated[int | None, typer.Option(min=1, help="Test on at most this many requests.")] = None,
 ) -> None:
     """The whole flywheel offline: reference teacher, gateway, distill each day, then serve the specialist."""
     from router_models.datasets import DatasetError
@@ -297,6 +297,8 @@ def demo(
             traffic_limit=traffic_limit, test_limit=test_limit,
         )  # fmt: skip
     except (DatasetError, WorkdirError) as exc:
+        _fail(str(exc))
+    except RuntimeError as exc:  # a step of the loop failed (e.g. distill on too little traffic): its own words
         _fail(str(exc))
 
 

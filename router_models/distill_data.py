@@ -210,4 +210,5 @@ def window_start(since_s: float | None, now: float | None = None) -> float | Non
     """`--since DURATION` in seconds -> the epoch time the window starts (None: the whole log)."""
     if since_s is None:
         return None
-    return (time.time() if now is None else now) - since_s
+    # A window reaching back before 1970 is the whole log (and a date the report can still print).
+    return max(0.0, (time.time() if now is None else now) - since_s)

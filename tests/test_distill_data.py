@@ -218,3 +218,12 @@ def test_the_loss_and_gradient_over_row_blocks_are_the_textbook_ones(
     for loss, grad in calls:
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_window_reaching_back_before_1970_is_the_whole_log() -> None:
+    """`--since 999999999d` once crashed after the whole training run, printing the window's start date."""
+    from router_models.distill_data import window_start
+
+    assert window_start(3600.0, now=10_000.0) == 6_400.0
+    assert window_start(86400.0 * 999_999_999, now=10_000.0) == 0.0
+    assert window_start(None) is None

@@ -311,3 +311,12 @@ def test_a_config_that_is_not_utf8_or_an_env_list_that_is_not_json_is_one_line(
         load_settings(_write(tmp_path, {}))
     monkeypatch.setenv("APPRENTICE_AUTH__API_KEYS", '["k1", "k2"]')
     assert load_settings(_write(tmp_path, {})).auth.resolved("api_keys") == {"k1", "k2"}
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", ".hidden", "a\\b"])
+def test_a_task_name_that_would_leave_the_registry_directory_is_refused(tmp_path: Path, name: str) -> None:
+    config = {"tasks": {name: {"teacher": "gpt-4o-mini", "labels": ["a", "b"]}}}
+    with pytest.raises(ConfigError, match="a task name must not"):
+        load_settings(_write(tmp_path, config))
+    config = {"tasks": {"support-intent.v2": {"teacher": "gpt-4o-mini", "labels": ["a", "b"]}}}
+    assert list(load_settings(_write(tmp_path, config)).tasks) == ["support-intent.v2"]
