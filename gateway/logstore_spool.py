@@ -180,10 +180,13 @@ class Spool:
         log.info("inference log: adopting spool file %s left by a process that is gone", path.name)
         return Segment(path, file)
 
-    def read(self, segment: Segment, chunk: int) -> Iterator[list[InferenceRecord]]:
-        """The segment's records in chunks; a torn or corrupt line is counted in segment.bad_lines."""
+    def read(self, segment: Segment, chunk: int, max_bytes: int = 32 << 20) -> Iterator[list[InferenceRecord]]:
+        """The segment's records in chunks of at most `chunk` records and about `max_bytes` of lines (a record
+        of 1 MB of text took 2 MB of memory decoded: a thousand of them at start-up could exhaust a pod's memory
+        on every start); a torn or corrupt line is counted in segment.bad_lines."""
         segment.bad_lines = 0
         batch: list[InferenceRecord] = []
+        size = 0
         try:
             reader = open(segment.path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:  # replayed and removed by another writer meanwhile: nothing left to do
@@ -198,9 +201,10 @@ class Spool:
                     segment.bad_lines += 1
                     log.error("inference log: unreadable line %d in %s (%s)", number, segment.path.name, exc)
                     continue
-                if len(batch) >= chunk:
+                size += len(line)
+                if len(batch) >= chunk or size >= max_bytes:
                     yield batch
-                    batch = []
+                    batch, size = [], 0
         if batch:
             yield batch
 

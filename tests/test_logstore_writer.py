@@ -472,3 +472,14 @@ async def test_redaction_happens_before_the_write(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert b"ann@example.org" not in path.read_bytes(), path
+
+
+def test_the_spool_is_read_back_in_chunks_bounded_by_size_as_well_as_count(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    big = [make_record(i, input_text="x" * 300_000) for i in range(10)]
+    spool.append([encode_record(r) for r in big], fsync=True)
+    (segment,) = spool.seal()
+    sizes = [len(chunk) for chunk in spool.read(segment, 1000, max_bytes=1_000_000)]
+    assert sizes == [4, 4, 2]  # about 300 kB a line: a chunk ends once it passes 1 MB
+    assert [r.id for chunk in spool.read(segment, 3) for r in chunk] == [r.id for r in big]
+    spool.close()
