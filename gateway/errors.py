@@ -6,7 +6,7 @@
     ├── PermissionDenied          403 (admin endpoints with a client key)
     ├── NotFound / ModelNotFound  404 (model_not_found for unknown models)
     ├── PayloadTooLarge           413
-    ├── UpstreamStatusError       the upstream's own 4xx/429 as it said it; 502 for its 5xx after retries
+    ├── UpstreamStatusError       the upstream's own 4xx/429 as it said it; 502 for its 401/403 and its 5xx
     ├── UpstreamUnavailable       502 (connection refused, reset, a stream cut short)
     ├── UpstreamBadAnswer         502 (a 200 that is not a chat completion, on a task's path)
     └── UpstreamTimeout           504 (connect, first byte or total deadline)
@@ -102,19 +102,30 @@ class UpstreamError(ApiError):
     upstream: str = ""
 
 
+# An upstream's 401 / 403 is about the gateway's own credentials or account, not the client's request: passed
+# through, the client's SDK would raise AuthenticationError and blame the client's key.
+UPSTREAM_AUTH_STATUS = frozenset({401, 403})
+
+
 class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an error status. 4xx pass through as the upstream said them."""
+    """The upstream answered with an error status. 4xx pass through as the upstream said them, except 401 / 403
+    (the gateway's credentials): those, like 5xx after retries, are a 502."""
 
     def __init__(self, upstream: str, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         detail = _upstream_error_fields(body)
         message = detail.get("message") or body[:500].decode("utf-8", "replace") or f"HTTP {status}"
-        passthrough = 400 <= status < 500
+        auth = status in UPSTREAM_AUTH_STATUS
+        passthrough = 400 <= status < 500 and not auth
+        if auth:
+            message = f"upstream {upstream} refused the gateway's credentials (HTTP {status}): {message}"
+        elif not passthrough:
+            message = f"upstream {upstream} failed with HTTP {status}: {message}"
         super().__init__(
-            message if passthrough else f"upstream {upstream} failed with HTTP {status}: {message}",
-            param=detail.get("param"),
-            code=detail.get("code") if passthrough else "upstream_error",
+            message,
+            param=detail.get("param") if passthrough else None,
+            code=detail.get("code") if passthrough else "upstream_auth_failed" if auth else "upstream_error",
             status=status if passthrough else 502,
-            type=detail.get("type") or ("invalid_request_error" if passthrough else "upstream_error"),
+            type=(detail.get("type") or "invalid_request_error") if passthrough else "upstream_error",
             headers=headers,
         )
         self.upstream = upstream

@@ -2,7 +2,8 @@
 
 Every attempt goes through `TeacherClient._chain`: per upstream, retries with exponential backoff and full
 jitter on 429, 5xx and connection errors (a `retry-after` the upstream sends is honoured up to a cap), then the
-upstream's ordered fallbacks. An upstream's own 4xx (other than 429) is final and passes through unchanged.
+upstream's ordered fallbacks. An upstream's own 4xx (other than 429) is final and passes through unchanged,
+except 401 / 403, which concern the gateway's credentials: the fallbacks are tried, then the client gets a 502.
 Timeouts: connect, first byte (httpx's read timeout, which also bounds each gap in a stream) and total.
 Unit tests inject an `httpx.AsyncBaseTransport`; end-to-end tests run a real upstream server.
 """
@@ -25,6 +26,7 @@ from yarl import URL
 
 from gateway import __version__, jsoncodec
 from gateway.errors import (
+    UPSTREAM_AUTH_STATUS,
     ApiError,
     UpstreamBadAnswer,
     UpstreamError,
@@ -214,9 +216,9 @@ class TeacherClient:
             try:
                 return await self._with_retries(self.upstreams[current], attempt)
             except UpstreamStatusError as exc:
-                if exc.upstream_status not in RETRYABLE_STATUS:
+                if exc.upstream_status not in RETRYABLE_STATUS | UPSTREAM_AUTH_STATUS:
                     raise  # the upstream's own verdict on the request: no other upstream will think otherwise
-                last = exc
+                last = exc  # a 401 / 403 is about this upstream's credentials: the next has its own
             except UpstreamError as exc:
                 last = exc
         assert last is not None

@@ -233,7 +233,6 @@ def test_body_too_large_is_413(client: openai.OpenAI, http: httpx.Client) -> Non
     ("status", "error_class"),
     [
         (400, openai.BadRequestError),
-        (403, openai.PermissionDeniedError),
         (404, openai.NotFoundError),
         (422, openai.UnprocessableEntityError),
     ],
@@ -252,6 +251,19 @@ def test_upstream_4xx_passes_through_as_it_said(
     assert _message(caught.value) == f"Injected failure ({status})."
     # The upstream's verdict on the request is final: asked once, neither retried nor sent elsewhere.
     assert len(stack.recorded(stack.primary, user=marker)) == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_upstream_refusing_the_gateways_key_is_a_502_not_the_clients_401(
+    client: openai.OpenAI, stack: Stack, marker: str, status: int
+) -> None:
+    """The client's key was fine; the gateway's own upstream credentials were not. Passed through, the SDK raised
+    AuthenticationError and blamed the client's key."""
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, metadata=fault(fail=status), user=marker)
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_auth_failed"
+    assert "refused the gateway's credentials" in _message(caught.value)
 
 
 @pytest.mark.e2e

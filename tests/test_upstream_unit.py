@@ -143,7 +143,31 @@ async def test_retry_after_beyond_the_cap_is_not_waited_for(rec: Recorder) -> No
     assert caught.value.headers == {"retry-after": "120"}
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstreams_401_or_403_is_its_credentials_so_the_fallback_answers(rec: Recorder, status: int) -> None:
+    settings = _settings(a={"fallbacks": ["b"]}, b={})
+    client, metrics = _client(
+        settings, _scripted(_error(status, "invalid api key, says a"), httpx.Response(200, json=OK)), rec
+    )
+    await client.complete("a", BODY)
+    assert rec.hosts == ["a", "b"] and rec.sleeps == []
+    assert _value(metrics, "apprentice_upstream_fallbacks_total", from_upstream="a", to_upstream="b") == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstreams_401_or_403_reaches_the_client_as_a_502_not_as_its_own_key(
+    rec: Recorder, status: int
+) -> None:
+    client, _ = _client(_settings(a={}), _scripted(_error(status, "invalid api key")), rec)
+    with pytest.raises(UpstreamStatusError) as caught:
+        await client.complete("a", BODY)
+    err = caught.value
+    assert (err.status, err.code, err.type, err.param) == (502, "upstream_auth_failed", "upstream_error", None)
+    assert err.message == f"upstream a refused the gateway's credentials (HTTP {status}): invalid api key"
+    assert rec.hosts == ["a"] and rec.sleeps == []
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
 async def test_4xx_is_final_not_retried_and_not_fallen_back(rec: Recorder, status: int) -> None:
     settings = _settings(a={"fallbacks": ["b"]}, b={})
     client, metrics = _client(settings, _scripted(_error(status, "bad request, says a")), rec)
