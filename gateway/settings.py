@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -59,17 +60,29 @@ def resolve_secret(reference: str, *, key: str) -> str:
     return reference
 
 
+def _not_a_bool(value: Any) -> Any:
+    # YAML reads `port: false` as a boolean, which pydantic would take as 0 (any free port), `true` as 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+# An integer setting: a YAML true/false is refused rather than read as 1/0.
+Count = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: `.inf` is valid YAML, and a poll interval of infinity would never pick up a new version.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    port: Count = Field(default=8000, ge=0, le=65535)
+    workers: Count = Field(default=1, ge=1, le=64)
     # Refuse to serve a non-loopback address without client keys unless this is set.
     allow_unauthenticated: bool = False
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_body_bytes: Count = Field(default=4 * 1024 * 1024, ge=1024)
 
 
 class AuthConfig(_Strict):
@@ -95,7 +108,7 @@ class TimeoutConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    max_retries: int = Field(default=2, ge=0, le=10)
+    max_retries: Count = Field(default=2, ge=0, le=10)
     backoff_base_s: float = Field(default=0.25, ge=0)
     backoff_max_s: float = Field(default=8.0, ge=0)
     # A `retry-after` longer than this is not waited for: the attempt fails over instead.
@@ -161,7 +174,7 @@ class TaskConfig(_Strict):
     # Longer inputs go to the teacher (reason unsupported_request). The specialist runs on the event loop, and
     # the TF-IDF student's character n-grams cost about 0.3 us per character: one 3.7 MB message held every
     # other request of its worker for a second. Intents and tickets are far shorter.
-    max_input_chars: int = Field(default=8192, ge=1)
+    max_input_chars: Count = Field(default=8192, ge=1)
 
     @field_validator("labels")
     @classmethod
@@ -184,8 +197,8 @@ class LogConfig(_Strict):
     # sqlite:///path.db (WAL), postgresql+psycopg://..., or memory:// (tests; nothing is kept).
     url: str = "sqlite:///.apprentice/inference.db"
     spool_dir: Path = Path(".apprentice/spool")
-    queue_size: int = Field(default=10000, ge=1)
-    batch_size: int = Field(default=256, ge=1)
+    queue_size: Count = Field(default=10000, ge=1)
+    batch_size: Count = Field(default=256, ge=1)
     flush_interval_s: float = Field(default=0.25, gt=0)
     redact: bool = False
 
@@ -217,8 +230,8 @@ class PricingConfig(_Strict):
 
 
 class ShadowConfig(_Strict):
-    max_concurrency: int = Field(default=4, ge=1)
-    window: int = Field(default=500, ge=10)
+    max_concurrency: Count = Field(default=4, ge=1)
+    window: Count = Field(default=500, ge=10)
 
 
 class Settings(BaseSettings):

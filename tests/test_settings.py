@@ -320,3 +320,23 @@ def test_a_task_name_that_would_leave_the_registry_directory_is_refused(tmp_path
         load_settings(_write(tmp_path, config))
     config = {"tasks": {"support-intent.v2": {"teacher": "gpt-4o-mini", "labels": ["a", "b"]}}}
     assert list(load_settings(_write(tmp_path, config)).tasks) == ["support-intent.v2"]
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"server": {"port": False}}, "server.port"),
+        ({"server": {"workers": True}}, "server.workers"),
+        ({"registry": {"poll_interval_s": float("inf")}}, "registry.poll_interval_s"),
+        ({"log": {"flush_interval_s": float("nan")}}, "log.flush_interval_s"),
+    ],
+)
+def test_yaml_booleans_and_infinities_are_not_numbers_here(tmp_path: Path, config: dict, where: str) -> None:
+    """`port: false` bound any free port and `.inf` as a poll interval never picked up a new version."""
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+        load_settings(_write(tmp_path, config))
+
+
+def test_an_integer_from_the_environment_is_still_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPRENTICE_SERVER__PORT", "8123")
+    assert load_settings(_write(tmp_path, {})).server.port == 8123
