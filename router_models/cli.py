@@ -259,7 +259,7 @@ def reference_teacher(
     data: Annotated[Path, typer.Option(help="CLINC150 JSON or JSONL {text,label,split} dataset.")],
     port: Annotated[int, typer.Option(help="Port (0 = any free port; the READY line names it).")] = 0,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    latency_ms: Annotated[float, typer.Option(help="Added latency per answer, like a remote LLM.")] = 0.0,
+    latency_ms: Annotated[float, typer.Option(min=0.0, help="Added latency per answer, like a remote LLM.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Which part of the train split the teacher learns from.")] = 0,
 ) -> None:
     """Serve the reference teacher: an offline OpenAI-compatible stand-in for a frontier LLM (not an LLM)."""
@@ -269,6 +269,8 @@ def reference_teacher(
     try:
         serve_reference_teacher(data, host, port, latency_ms, seed=seed)
     except (DatasetError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except OSError as exc:  # the address: in use, not this machine's, a port out of range
         _fail(str(exc))
 
 

@@ -191,6 +191,15 @@ def serve_reference_teacher(
     from threadpoolctl import threadpool_limits
 
     dataset = load_dataset(data)
+    # Bound before the teacher is trained: a port in use or an address this machine lacks fails at once.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    bound_port = sock.getsockname()[1]
     teacher = build_reference_teacher(dataset, seed, config=config, cache_dir=cache_dir)
     _ = teacher.encoder  # load the ONNX session before announcing readiness
     # One BLAS thread for the per-request matrix-vector products: on a busy 2-core machine OpenBLAS's threads
@@ -198,10 +207,6 @@ def serve_reference_teacher(
     blas_limits = threadpool_limits(limits=1)
     print(f"reference teacher metrics on the calibration split: {json.dumps(teacher.metrics)}", file=sys.stderr)
     app = create_app(teacher, latency_ms=latency_ms)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

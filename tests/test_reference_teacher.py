@@ -256,3 +256,19 @@ def test_trained_head_is_cached_by_dataset_and_seed(teacher_url, small_dataset, 
     assert sorted(teacher.labels) == sorted(LABELS) and teacher.metrics["val_oos_recall"] >= 0.85
     with pytest.raises(AssertionError, match="cache should have answered"):
         build_reference_teacher(ds, 1, cache_dir=cache_dir, encoder=NoEncoder(), log=False)
+
+
+def test_a_port_in_use_fails_at_once_in_one_line_before_any_training(small_dataset, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "router_models.cli", "reference-teacher", "--data", str(small_dataset),
+               "--port", str(port)]  # fmt: skip
+        env = {**os.environ, **OFFLINE_ENV, "APPRENTICE_CACHE_DIR": str(tmp_path / "empty-cache")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "Traceback" not in proc.stderr
+    assert "embedding" not in proc.stderr  # it never got as far as training the teacher
