@@ -317,6 +317,38 @@ def _check_env_case(data: dict[str, Any], path: Path) -> None:
                 )
 
 
+def _env_references(value: Any) -> set[str]:
+    """The variables a config names with `env:VAR`, at any depth."""
+    if isinstance(value, str):
+        return {value[4:]} if value.startswith("env:") else set()
+    if isinstance(value, dict):
+        return set().union(*(_env_references(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_env_references(v) for v in value))
+    return set()
+
+
+def _check_env_typos(data: dict[str, Any]) -> None:
+    """APPRENTICE_LOG_URL (one underscore) sets nothing; pydantic-settings ignores it without a word, and the
+    gateway then logs to the default SQLite file instead of the database the operator meant. A variable that
+    starts like a section but does not nest with `__`, and that the config does not use as an `env:` secret, is
+    refused with the spelling that works."""
+    fields = set(Settings.model_fields)
+    used = _env_references(data)
+    for var in os.environ:
+        if not var.upper().startswith("APPRENTICE_") or var in used:
+            continue
+        rest = var[len("APPRENTICE_") :].lower()
+        if "__" in rest or rest in fields:
+            continue
+        section = next((f for f in sorted(fields) if rest.startswith(f + "_")), None)
+        if section is not None:
+            meant = f"APPRENTICE_{section.upper()}__{var[len('APPRENTICE_') + len(section) + 1 :]}"
+            raise ConfigError(
+                f"environment variable {var} sets nothing: settings nest with a double underscore, e.g. {meant}"
+            )
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
     second `tasks:` block would drop every task of the first."""
@@ -341,6 +373,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Settings from `path` (YAML), then APPRENTICE_* env vars, then keyword overrides; fails with ConfigError."""
     source = "defaults and environment"
+    data: Any = None
     if path is not None:
         source = str(path)
         if not path.is_file():
@@ -356,6 +389,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         _check_env_case(data or {}, path)
+    _check_env_typos(data if isinstance(data, dict) else {})
     settings_cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}})
     try:
         return settings_cls(**overrides)  # type: ignore[no-any-return]

@@ -340,3 +340,19 @@ def test_yaml_booleans_and_infinities_are_not_numbers_here(tmp_path: Path, confi
 def test_an_integer_from_the_environment_is_still_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APPRENTICE_SERVER__PORT", "8123")
     assert load_settings(_write(tmp_path, {})).server.port == 8123
+
+
+def test_an_environment_variable_that_sets_nothing_is_refused_with_the_spelling_that_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APPRENTICE_LOG_URL (one underscore) was ignored without a word: the gateway logged to the default SQLite
+    file instead of the database the operator meant."""
+    monkeypatch.setenv("APPRENTICE_LOG_URL", "postgresql+psycopg://x@db/y")
+    with pytest.raises(ConfigError, match=r"APPRENTICE_LOG_URL sets nothing.*APPRENTICE_LOG__URL"):
+        load_settings(_write(tmp_path, {}))
+    # Used by the config as a secret, the same kind of name is fine; so are names no setting starts with.
+    monkeypatch.setenv("APPRENTICE_AUTH_KEYS", "sk-1")
+    monkeypatch.delenv("APPRENTICE_LOG_URL")
+    monkeypatch.setenv("APPRENTICE_BENCH_UPSTREAM_KEY", "sk-2")
+    settings = load_settings(_write(tmp_path, {"auth": {"api_keys": ["env:APPRENTICE_AUTH_KEYS"]}}))
+    assert settings.auth.resolved("api_keys") == {"sk-1"}
