@@ -74,8 +74,6 @@ def check_teachers(settings: Settings) -> None:
     )
     served = settings.upstream_models()
     for name, task in settings.tasks.items():
-        if task.teacher == name:
-            raise ConfigError(f"tasks.{name}.teacher: a task cannot be its own teacher")
         if not open_ended and task.teacher not in served:
             known = ", ".join(sorted(served)) or "none"
             raise ConfigError(
@@ -117,13 +115,15 @@ def _prepare_multiprocess_metrics(workers: int) -> None:
     """Several workers need a shared metrics directory; one set by the operator is honoured even for one.
 
     Either way its metric files are removed at launch: files of a previous run would be summed into this one's
-    counters. Only those (prometheus_client's `*.db`): the directory may be shared, or set to /tmp by mistake.
+    counters. Only those, by prometheus_client's names: the directory may be shared, or set to /tmp by mistake,
+    and an inference log is a `.db` file too.
     """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
-        for stale in Path(directory).glob("*.db"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
+        for kind in ("counter", "gauge", "histogram", "summary"):
+            for stale in Path(directory).glob(f"{kind}_*.db"):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
     elif workers > 1:
         directory = tempfile.mkdtemp(prefix="apprentice-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +88,12 @@ def over_token_cap(request: ChatCompletionRequest, label: str) -> bool:
     return cap is not None and math.ceil(len(label) / 4) > cap
 
 
-def cut_by_stop(request: ChatCompletionRequest, label: str) -> bool:
-    """Whether one of the client's stop sequences occurs in `label`: the teacher would end its answer there
-    (the text OpenAI returns never holds a stop sequence); the specialist cannot, so the teacher answers."""
+def cut_by_stop(request: ChatCompletionRequest, labels: Sequence[str]) -> bool:
+    """Whether one of the client's stop sequences occurs in one of the task's labels. The teacher would end its
+    answer there (the text OpenAI returns never holds a stop sequence), with finish_reason "stop": the specialist
+    could not answer so, and distill must not read the fragment as the input's label."""
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-    return any(stop and stop in label for stop in stops)
+    return any(stop and stop in label for stop in stops for label in labels)
 
 
 class TaskService:
@@ -213,7 +214,12 @@ class TaskService:
         decision: Decision | None = None
         # Checked first, whatever else holds: distill passes over these answers, which reply to more than the
         # input text (tools, an image, a JSON format, a token cap, ...), so they must be marked whenever logged.
-        if text is None or unsupported(request) is not None or len(text) > task.max_input_chars:
+        if (
+            text is None
+            or unsupported(request) is not None
+            or len(text) > task.max_input_chars
+            or cut_by_stop(request, task.labels)
+        ):
             reason = "unsupported_request"
         elif force == "teacher":
             reason = "forced"
@@ -226,9 +232,7 @@ class TaskService:
             self.metrics.child(self.metrics.specialist_latency, task.name).observe(decision.inference_ms / 1000)
             self.metrics.child(self.metrics.router_score, task.name).observe(decision.score)
             capped = (
-                decision.route == "specialist"
-                and force != "specialist"
-                and (over_token_cap(request, decision.label) or cut_by_stop(request, decision.label))
+                decision.route == "specialist" and force != "specialist" and over_token_cap(request, decision.label)
             )
             if (decision.route == "specialist" and not capped) or force == "specialist":
                 state.served += 1
@@ -366,6 +370,9 @@ class TaskService:
                 except UpstreamError as exc:
                     status = exc.status
                     yield sse_error_event(exc)
+                except Exception:  # a bug, not the client leaving (that is GeneratorExit / CancelledError)
+                    status = 500
+                    raise
                 finally:
                     await stream.aclose()
                     reading = rewriter.reading

@@ -289,7 +289,7 @@ def demo(
     """The whole flywheel offline: reference teacher, gateway, distill each day, then serve the specialist."""
     from router_models.datasets import DatasetError
     from router_models.demo import run_demo
-    from router_models.flywheel import WorkdirError
+    from router_models.flywheel import StepFailed, WorkdirError
 
     if student not in ("tfidf", "minilm"):
         _fail(f"--student must be tfidf or minilm, not {student!r}")
@@ -300,7 +300,7 @@ def demo(
         )  # fmt: skip
     except (DatasetError, WorkdirError) as exc:
         _fail(str(exc))
-    except RuntimeError as exc:  # a step of the loop failed (e.g. distill on too little traffic): its own words
+    except StepFailed as exc:  # a step of the loop failed (e.g. distill on too little traffic): its own words
         _fail(str(exc))
 
 

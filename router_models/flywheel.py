@@ -220,7 +220,7 @@ def _wait_for_version(gateway_url: str, version: str, timeout_s: float = 30.0) -
         if _current_version(gateway_url) == version:
             return
         time.sleep(0.2)
-    raise RuntimeError(f"the gateway did not load version {version} within {timeout_s:g}s")
+    raise StepFailed(f"the gateway did not load version {version} within {timeout_s:g}s")
 
 
 def _distill(cfg: FlywheelConfig, config_path: Path) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def _distill(cfg: FlywheelConfig, config_path: Path) -> dict[str, Any]:
     with (cfg.workdir / "logs" / "distill.log").open("a", encoding="utf-8") as log:
         log.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"apprentice distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise StepFailed(f"apprentice distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = _latest_report(cfg.workdir / "registry" / TASK)
     return {"seconds": round(seconds, 1), "output": proc.stdout.strip().splitlines()[-1:], "report": report}
 
@@ -354,6 +354,10 @@ def _share(num: int, den: int) -> float:
     return num / den if den else 0.0
 
 
+class StepFailed(RuntimeError):
+    """A step of the loop (distill, a version the gateway did not load) failed; the message says which and why."""
+
+
 class WorkdirError(ValueError):
     """The workdir holds a registry or log that a flywheel run did not create: it is not the flywheel's to clear."""
 
@@ -370,7 +374,7 @@ def _fresh(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} is a file, not a directory")
     owned = (workdir / MARKER).is_file() or (workdir / "logs" / "teacher.log").is_file()
-    found = [p.name for p in (workdir / "registry", workdir / "spool", workdir / "inference.db") if p.exists()]
+    found = [p.name for p in (workdir / n for n in ("registry", "spool", "logs", "inference.db")) if p.exists()]
     if found and not owned:
         raise WorkdirError(
             f"workdir {workdir} already holds {', '.join(found)}, not from a flywheel run; "

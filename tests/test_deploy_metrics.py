@@ -231,8 +231,10 @@ def test_a_shared_metrics_directory_loses_only_its_stale_metric_files(tmp_path: 
     (tmp_path / "notes.txt").write_text("kept")
     (tmp_path / "counter_123.db").write_bytes(b"stale")
     (tmp_path / "gauge_livesum_123.db").write_bytes(b"stale")
+    (tmp_path / "histogram_123.db").write_bytes(b"stale")
+    (tmp_path / "inference.db").write_bytes(b"an inference log kept here")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     _prepare_multiprocess_metrics(workers=2)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "notes.txt", "other_app", "other_app/data.txt",
+        "inference.db", "notes.txt", "other_app", "other_app/data.txt",
     ]  # fmt: skip

@@ -115,7 +115,13 @@ def test_demo_no_serve_runs_and_reports_the_saving(small_jsonl: Path, tmp_path: 
 
 def _a_gateways_own_directory(root: Path) -> list[Path]:
     (root / "registry" / "intent").mkdir(parents=True)
-    kept = [root / "registry" / "intent" / "current", root / "inference.db", root / "apprentice.yaml"]
+    (root / "logs").mkdir()
+    kept = [
+        root / "registry" / "intent" / "current",
+        root / "inference.db",
+        root / "apprentice.yaml",
+        root / "logs" / "x",
+    ]
     for path in kept:
         path.write_text("a gateway's own\n")
     return kept
@@ -137,6 +143,16 @@ def test_the_demo_never_clears_a_directory_it_did_not_fill(small_jsonl: Path, tm
     assert "Traceback" not in proc.stderr
     assert ("not from a flywheel run" if path == small_jsonl else "missing.jsonl") in proc.stderr
     assert all(p.read_text() == "a gateway's own\n" for p in kept)
+
+
+def test_a_directory_with_only_a_logs_folder_is_not_the_flywheels_either(tmp_path: Path) -> None:
+    from router_models.flywheel import WorkdirError, _fresh
+
+    (tmp_path / "project" / "logs").mkdir(parents=True)
+    (tmp_path / "project" / "logs" / "app.log").write_text("kept\n")
+    with pytest.raises(WorkdirError, match="logs, not from a flywheel run"):
+        _fresh(tmp_path / "project")
+    assert (tmp_path / "project" / "logs" / "app.log").read_text() == "kept\n"
 
 
 def test_a_flywheel_workdir_is_cleared_for_the_next_run(small_jsonl: Path, tmp_path: Path) -> None:

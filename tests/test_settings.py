@@ -288,8 +288,9 @@ def test_serve_refuses_a_task_whose_teacher_no_upstream_serves(tmp_path: Path) -
     listed = {"upstreams": {"a": {**UPSTREAM, "models": ["gpt-4o-mini"]}}}
     with pytest.raises(ConfigError, match=r"tasks\.intent\.teacher: no upstream serves 'gpt-4o'.*gpt-4o-mini"):
         check_teachers(load_settings(_write(tmp_path, {**listed, "tasks": {"intent": task}})))
-    with pytest.raises(ConfigError, match=r"tasks\.intent\.teacher: a task cannot be its own teacher"):
-        check_teachers(load_settings(_write(tmp_path, {**listed, "tasks": {"intent": {**task, "teacher": "intent"}}})))
+    # A task named as its teacher is a drop-in for that model: teacher calls never route back through tasks.
+    wildcard = {"upstreams": {"a": {**UPSTREAM, "models": ["*"]}}}
+    check_teachers(load_settings(_write(tmp_path, {**wildcard, "tasks": {"gpt-4o": task}})))
     # Served: listed, a wildcard upstream, or a default upstream.
     for upstreams, extra in [
         ({"a": {**UPSTREAM, "models": ["gpt-4o"]}}, {}),

@@ -500,19 +500,22 @@ def test_an_answer_cut_short_is_logged_as_such_and_never_replaces_a_label(
     assert _distill_view(stack, "intent_empty", marker, 2) == [(text, "balance")]
 
 
+@pytest.mark.parametrize(
+    "extra", [{"response_format": {"type": "json_object"}}, {"stop": ["lan"]}], ids=["json", "stop"]
+)
 def test_a_request_no_specialist_could_honour_is_marked_even_without_a_specialist(
-    stack: TaskStack, client: openai.OpenAI, marker: str
+    stack: TaskStack, client: openai.OpenAI, marker: str, extra: dict[str, Any]
 ) -> None:
-    """Before any specialist exists, a JSON-format request still answers more than the input text: it is logged
-    as unsupported_request, and distill passes over it."""
+    """Before any specialist exists, a JSON-format request still answers more than the input text, and a stop
+    sequence inside a label ("lan" in "balance") would end the teacher's answer mid-label with finish_reason
+    "stop": each is logged as unsupported_request, and distill passes over it."""
     text = "how much money do I have, " + marker
     raw = client.chat.completions.with_raw_response.create(
-        model="intent_empty", messages=user(text), user=marker, response_format={"type": "json_object"}
+        model="intent_empty", messages=user(text), user=marker, metadata={"x-fake-content": "balance"}, **extra
     )
     assert (raw.headers["x-apprentice-route"], raw.headers["x-apprentice-reason"]) == ("teacher", "unsupported_request")
-    assert raw.parse().choices[0].message.content == "{}"
     (record,) = stack.records("intent_empty", marker)
-    assert (record.reason, record.teacher_label, record.status) == ("unsupported_request", None, 200)
+    assert (record.reason, record.status) == ("unsupported_request", 200)
     assert _distill_view(stack, "intent_empty", marker, 1) == []
 
 
