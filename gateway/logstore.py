@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Text, and_, cast, create_engine, delete, event, func, or_, select
+from sqlalchemy import Connection, Engine, Text, and_, cast, create_engine, delete, event, func, inspect, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -100,6 +100,7 @@ class LogStore:
         )
         insert_stmt = (sqlite_insert if backend == "sqlite" else pg_insert)(inference_log)
         self._insert = insert_stmt.on_conflict_do_nothing(index_elements=["id"])
+        self._known_columns: set[str] | None = None
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -157,7 +158,12 @@ class LogStore:
         called and the scan goes on. Without it such a row raises, as a decoding error would.
         """
         table = inference_log
-        columns: list[Any] = list(table.c) if bodies else [c for c in table.c if c.name not in ("request", "response")]
+        # A log no writer of this version has opened yet lacks the newer columns: read what it has (the record
+        # fields they hold read as None) rather than migrate it from a reader, which a read-only role cannot, and
+        # which would make the older gateways still writing to it refuse it at their next start.
+        present = self._columns()
+        skipped = {"request", "response"} if not bodies else set()
+        columns: list[Any] = [c for c in table.c if c.name in present and c.name not in skipped]
         if on_bad_row is not None:  # read as text and decode row by row, so one bad row does not fail its chunk
             columns = [cast(c, Text).label(c.name) if c.name == "label_distribution" else c for c in columns]
         window = [table.c.task == task]
@@ -193,6 +199,18 @@ class LogStore:
             if len(rows) < self.chunk_size:
                 return
             after = (rows[-1]["created_at"], rows[-1]["id"])
+
+    def _columns(self) -> set[str]:
+        """The inference_log columns the database has (all of them once it has been migrated)."""
+        if self._known_columns is None or len(self._known_columns) < len(inference_log.c):
+            with self._engine.connect() as conn:
+                found = {c["name"] for c in inspect(conn).get_columns("inference_log", schema=self.schema)}
+            self._known_columns = found or set(inference_log.c.keys())  # no table: let the query name the error
+        return self._known_columns
+
+    def has_table(self) -> bool:
+        with self._engine.connect() as conn:
+            return bool(inspect(conn).has_table("inference_log", schema=self.schema))
 
     def count(self, task: str | None = None) -> int:
         """Number of records, of one task or of all."""
@@ -304,7 +322,9 @@ def prune_log(url: str, older_than: str) -> int:
     seconds = parse_duration(older_than)
     store = LogStore(url, create=False)
     try:
-        store.migrate()  # a store that was never written to has no table yet; pruning it removes nothing
+        # Never migrated from here: an older gateway still writing to this log would refuse it at its next start.
+        if not store.has_table():  # a store that was never written to: nothing to remove
+            return 0
         return store.prune(seconds)
     finally:
         store.close()

@@ -58,7 +58,6 @@ def read_log(
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.logstore import LogStore
-    from gateway.logstore_schema import SchemaTooNewError
     from gateway.logstore_writer import brief
 
     url = make_url(settings.log.url)
@@ -68,9 +67,8 @@ def read_log(
         raise ValueError(f"there is no inference log at {database} (log.url); has a gateway with this config run?")
     store = LogStore(settings.log.url, chunk_size=10000)
     try:
-        store.migrate()  # a log no gateway of this version has opened yet lacks the newer columns
         return list(store.iter_records(task, since, bodies=False, on_bad_row=on_bad_row))
-    except (SQLAlchemyError, SchemaTooNewError) as exc:
+    except SQLAlchemyError as exc:
         raise ValueError(f"{store.url}: {brief(exc)}") from exc
     finally:
         store.close()

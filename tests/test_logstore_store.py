@@ -178,20 +178,31 @@ def test_failed_migration_leaves_nothing_behind(store, monkeypatch):
         assert not inspect(conn).has_table("half_done", schema=store.schema)
 
 
-def test_a_version_1_log_gains_finish_reason_and_keeps_its_rows(store_url, monkeypatch):
-    """A log an older apprentice wrote: its rows read back with finish_reason None, new rows keep theirs."""
+def _version_1_log(store_url: str, monkeypatch, records: list[InferenceRecord]) -> None:
+    """A log an older apprentice wrote: schema version 1, without finish_reason."""
     log_store = LogStore(store_url)
     try:
-        monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-        monkeypatch.setattr(schema, "LATEST_VERSION", 1)
-        assert log_store.migrate() == 1
-        old = make_record(1)
-        v1_row = {k: v for k, v in schema.record_to_row(old).items() if k != "finish_reason"}
+        with monkeypatch.context() as patch:
+            patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+            patch.setattr(schema, "LATEST_VERSION", 1)
+            assert log_store.migrate() == 1
+        rows = [{k: v for k, v in schema.record_to_row(r).items() if k != "finish_reason"} for r in records]
         with log_store._engine.begin() as conn:
-            conn.execute(schema._inference_log_v1(MetaData()).insert(), [v1_row])
-            columns = inspect(conn).get_columns("inference_log", schema=log_store.schema)
-            assert "finish_reason" not in {c["name"] for c in columns}
-        monkeypatch.undo()
+            conn.execute(schema._inference_log_v1(MetaData()).insert(), rows)
+    finally:
+        log_store.close()
+
+
+def _version(store: LogStore) -> int:
+    with store._engine.connect() as conn:
+        return schema.current_version(conn)
+
+
+def test_a_version_1_log_gains_finish_reason_and_keeps_its_rows(store_url, monkeypatch):
+    old = make_record(1)
+    _version_1_log(store_url, monkeypatch, [old])
+    log_store = LogStore(store_url)
+    try:
         assert log_store.migrate() == schema.LATEST_VERSION == 2
         new = make_record(2, finish_reason="length")
         log_store.insert_many([new])
@@ -199,6 +210,22 @@ def test_a_version_1_log_gains_finish_reason_and_keeps_its_rows(store_url, monke
         assert old.finish_reason is None
     finally:
         log_store.close()
+
+
+def test_readers_read_a_version_1_log_as_it_is_and_leave_it_at_version_1(store_url, monkeypatch):
+    """Distill and prune never migrate: a read-only role could not, and older gateways still writing to the log
+    would refuse it at their next start."""
+    old, recent = make_record(1), make_record(2, created_at=time.time())
+    _version_1_log(store_url, monkeypatch, [old, recent])
+    reader = LogStore(store_url)
+    try:
+        assert list(reader.iter_records("intent")) == [old, recent]
+        assert [r.id for r in reader.iter_records("intent", bodies=False)] == [old.id, recent.id]
+        assert prune_log(store_url, "1d") == 1
+        assert [r.id for r in reader.iter_records("intent")] == [recent.id]
+        assert _version(reader) == 1
+    finally:
+        reader.close()
 
 
 def test_a_spool_line_from_before_finish_reason_still_reads():
