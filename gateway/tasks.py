@@ -213,7 +213,7 @@ class TaskService:
         text = task_input_text(request, task.input)
         decision: Decision | None = None
         # Checked first, whatever else holds: distill passes over these answers, which reply to more than the
-        # input text (tools, an image, a JSON format, a token cap, ...), so they must be marked whenever logged.
+        # input text (tools, an image, a JSON format, a stop sequence inside a label, ...): marked whenever logged.
         if (
             text is None
             or unsupported(request) is not None
