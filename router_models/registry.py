@@ -261,7 +261,7 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
         while stack and stack[-1] != current:
             stack.pop()
         # Never the current version itself: a history may hold it twice in a row (written before promote
-        # refused to re-promote it), and "rolling back" to it would change nothing.
+        # made re-promoting it a no-op), and "rolling back" to it would change nothing.
         candidates = [v for v in dict.fromkeys(stack[:-1][::-1]) if v != current]
         if not candidates:
             older = [v.version for v in list_versions(registry_dir, task) if v.version < current]
