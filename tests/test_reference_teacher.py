@@ -267,8 +267,10 @@ def test_a_port_in_use_fails_at_once_in_one_line_before_any_training(small_datas
         port = taken.getsockname()[1]
         cmd = [sys.executable, "-m", "router_models.cli", "reference-teacher", "--data", str(small_dataset),
                "--port", str(port)]  # fmt: skip
-        env = {**os.environ, **OFFLINE_ENV, "APPRENTICE_CACHE_DIR": str(tmp_path / "empty-cache")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        # From an empty directory: the teacher's cache (.apprentice/cache, relative) is empty there, so a bind
+        # that came after the training would have printed the training's "embedding ..." line first.
+        env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "Traceback" not in proc.stderr
-    assert "embedding" not in proc.stderr  # it never got as far as training the teacher
+    assert "embedding" not in proc.stderr
