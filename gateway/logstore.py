@@ -74,7 +74,9 @@ class LogStore:
                 raise ValueError("log store URL: in-memory SQLite is not supported; use memory:// or a file path")
             if not database.startswith("file:"):
                 if not create and not Path(database).is_file():
-                    raise ValueError(f"there is no inference log at {database} (log.url)")
+                    raise ValueError(
+                        f"there is no inference log at {database} (log.url); has a gateway with this config run?"
+                    )
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(parsed, json_serializer=json_dumps, hide_parameters=True)
             _configure_sqlite(engine, busy_timeout_ms)

@@ -11,7 +11,6 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,18 +53,12 @@ def read_log(
     naming the store when it cannot be read; rows that cannot be decoded go to `on_bad_row(id, why)`."""
     if settings.log.url.startswith("memory:"):
         raise ValueError("the inference log is memory:// (nothing is kept); configure log.url to distill")
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.logstore import LogStore
     from gateway.logstore_writer import brief
 
-    url = make_url(settings.log.url)
-    database = url.database or ""
-    local_file = url.get_backend_name() == "sqlite" and database and not database.startswith("file:")
-    if local_file and not Path(database).is_file():  # a mistyped path: say so, and create nothing there
-        raise ValueError(f"there is no inference log at {database} (log.url); has a gateway with this config run?")
-    store = LogStore(settings.log.url, chunk_size=10000)
+    store = LogStore(settings.log.url, chunk_size=10000, create=False)  # a mistyped path: an error, nothing made
     try:
         return list(store.iter_records(task, since, bodies=False, on_bad_row=on_bad_row))
     except SQLAlchemyError as exc:
