@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Route = Literal["teacher", "shadow"]
+# The reason of a request the specialist cannot honour (tools, an image, a JSON format, a stop sequence inside a
+# label, ...): its answer replies to more than the input text, and distill never learns from it.
+UNSUPPORTED_REASON = "unsupported_request"
 
 
 def input_hash(text: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import InvalidRequest, PermissionDenied, UpstreamError, sse_error_event
-from gateway.inference_log import InferenceRecord, InferenceSink
+from gateway.inference_log import UNSUPPORTED_REASON, InferenceRecord, InferenceSink
 from gateway.protocol import ChatCompletionRequest, task_input_text
 from gateway.registry import RegistryReader, ReloadResult
 from gateway.responses import SpecialistAnswer, TokenEstimator, completion_body, stream_events
@@ -220,7 +220,7 @@ class TaskService:
             or len(text) > task.max_input_chars
             or cut_by_stop(request, task.labels)
         ):
-            reason = "unsupported_request"
+            reason = UNSUPPORTED_REASON
         elif force == "teacher":
             reason = "forced"
         elif specialist is None:
@@ -237,7 +237,7 @@ class TaskService:
             if (decision.route == "specialist" and not capped) or force == "specialist":
                 state.served += 1
                 return self._specialist(state, specialist, decision, raw, request, text or "", timer, force)
-            reason = "unsupported_request" if capped else decision.reason
+            reason = UNSUPPORTED_REASON if capped else decision.reason
         try:
             return await self._teacher(state, raw, request, text or "", timer, reason, decision, specialist)
         except UpstreamError as exc:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from gateway.inference_log import InferenceRecord
+from gateway.inference_log import UNSUPPORTED_REASON, InferenceRecord
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
 
-UNSUPPORTED = "unsupported_request"  # the gateway's reason for a request the specialist cannot honour
-CUT_SHORT = frozenset({"length", "content_filter"})
+CUT_SHORT = frozenset({"length", "content_filter"})  # finish reasons of an answer that is neither label nor decline
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +93,7 @@ def to_examples(
     for record in records:
         if record.task != task or not 200 <= record.status < 300:
             continue
-        if record.reason == UNSUPPORTED or record.finish_reason in CUT_SHORT:
+        if record.reason == UNSUPPORTED_REASON or record.finish_reason in CUT_SHORT:
             continue
         if since is not None and record.created_at < since:
             continue
