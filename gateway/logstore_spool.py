@@ -218,7 +218,7 @@ class Spool:
 
     def reject(self, record: InferenceRecord, error: BaseException) -> None:
         """Set aside a record the store refuses (bad data, not an outage): kept on disk, never replayed."""
-        line = json.dumps({"error": repr(error), "record": record_to_row(record)}, separators=(",", ":"))
+        line = json_dumps({"error": repr(error), "record": record_to_row(record)})
         path = self.directory / f"rejected-{self._prefix}.jsonl"
         with self._lock, open(path, "ab") as file:
             file.write(line.encode("ascii") + b"\n")
