@@ -226,12 +226,14 @@ class LogWriter:
                     break
                 batch.append(item)
             self._in_flight = batch
+            records: list[InferenceRecord] | None = None
             try:
-                await asyncio.to_thread(self._write_batch, batch)
+                # Redacted first and held as redacted: what the replayer writes back never skips redaction.
+                records = await asyncio.to_thread(self._prepare, batch)
+                await asyncio.to_thread(self._write_prepared, records)
             except Exception:  # a bug here must not stop the writer; keep the batch
                 log.exception("inference log: writing a batch failed unexpectedly; holding it for the replayer")
-                with self._stats_lock:
-                    self._held.extend(batch)
+                self._hold_after_failure(batch, records)
             self._in_flight = []
             if stop or (self._closed and self._queue.empty()):
                 return
@@ -287,8 +289,19 @@ class LogWriter:
                 self._count("dropped", 1)
         return prepared
 
-    def _write_batch(self, batch: Sequence[InferenceRecord]) -> None:
-        records = self._prepare(batch)
+    def _hold_after_failure(self, batch: list[InferenceRecord], prepared: list[InferenceRecord] | None) -> None:
+        """Keep a batch whose write failed for the replayer, as `_prepare` left it. With redaction on, a batch
+        that failed before it was redacted is dropped (loudly, counted) rather than stored unredacted."""
+        if prepared is None and self._redact:
+            log.error("inference log: DROPPED %d records: redaction failed unexpectedly", len(batch))
+            self._count("dropped", len(batch))
+            return
+        with self._stats_lock:
+            self._held.extend(batch if prepared is None else prepared)
+        self._wake_replayer()
+
+    def _write_prepared(self, records: Sequence[InferenceRecord]) -> None:
+        """Store records `_prepare` made ready; spool them if the store fails."""
         if self._store_ok:
             try:
                 self._count("written", self._store_records(records))

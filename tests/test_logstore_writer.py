@@ -474,6 +474,39 @@ async def test_redaction_happens_before_the_write(tmp_path):
             assert b"ann@example.org" not in path.read_bytes(), path
 
 
+async def test_a_batch_held_after_an_unexpected_failure_is_stored_redacted(tmp_path):
+    """A bug in the write path holds the batch for the replayer: what it holds has been redacted."""
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", redact=True, **FAST)
+    await writer.start()
+    await wait_until(lambda: writer.stats.replayed == 0 and not writer._pending(), what="the first round")
+    real_store, real_spool = writer._store_records, writer._spool_records
+    failures = {"store": 1, "spool": 1}
+
+    def store_once(records):
+        if failures["store"]:
+            failures["store"] -= 1
+            raise ConnectionError("store down")
+        return real_store(records)
+
+    def spool_once(records, *, fsync):
+        if failures["spool"]:
+            failures["spool"] -= 1
+            raise RuntimeError("a bug in the spool path")
+        return real_spool(records, fsync=fsync)
+
+    writer._store_records, writer._spool_records = store_once, spool_once
+    raw = "reach me at ann@example.org"
+    writer.submit(make_record(1, input_text=raw, request={"messages": [{"role": "user", "content": raw}]}))
+    await wait_until(lambda: writer.stats.replayed == 1, what="the held batch to be replayed")
+    await writer.aclose()
+    assert failures == {"store": 0, "spool": 0}
+    (stored,) = store.iter_records("intent")
+    assert stored.input_text == "reach me at [EMAIL]"
+    assert stored.request == {"messages": [{"role": "user", "content": "reach me at [EMAIL]"}]}
+    store.close()
+
+
 def test_the_spool_is_read_back_in_chunks_bounded_by_size_as_well_as_count(tmp_path):
     spool = Spool(tmp_path / "spool")
     big = [make_record(i, input_text="x" * 300_000) for i in range(10)]
