@@ -19,6 +19,9 @@ GET|DELETE /_stats (hit counters). Faults are driven by request headers so paral
                                      started with --name NAME (a request fails on a primary, not its fallback)
 The same directives are also read from the chat request's `metadata` object (headers win), for gateways
 that forward OpenAI parameters but not unknown headers.
+Every chat answer, failures included, carries headers shaped like OpenAI's: `x-request-id` (req_ and 32 hex
+digits, unique per answer; `request_id_prefix` names the instance), `openai-processing-ms`,
+`x-ratelimit-limit-requests` and `x-ratelimit-remaining-requests`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ from benchmarks._fake_chat import (
 )
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "fake-model")
+
+
+def request_id_prefix(name: str) -> str:
+    """The start of every `x-request-id` the instance named `name` sends: `req_` and 8 hex digits of the name
+    (24 more count its answers), so a test can tell which upstream an id came from."""
+    return "req_" + name.encode()[:4].hex().ljust(8, "0")
 
 
 @dataclass(slots=True)
@@ -94,6 +103,7 @@ class Upstream:
     stats: Counter[str] = field(default_factory=Counter)
     fault_seen: Counter[str] = field(default_factory=Counter)
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    request_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.record = deque(maxlen=self.record_limit)
@@ -125,6 +135,14 @@ class Upstream:
         reply.delay_s = self.latency_s * (path == "/chat/completions")
         reply.delay_s += float(directives.get("x-fake-delay-ms", 0)) / 1000
         reply.headers.append(("x-fake-upstream", self.name))
+        if path == "/chat/completions":
+            served = next(self.request_ids)
+            reply.headers += [
+                ("x-request-id", f"{request_id_prefix(self.name)}{served:024x}"),
+                ("openai-processing-ms", str(round(reply.delay_s * 1000))),
+                ("x-ratelimit-limit-requests", "10000"),
+                ("x-ratelimit-remaining-requests", str(max(0, 9999 - served))),
+            ]
         if "x-fake-set-cookie" in directives:
             reply.headers.append(("set-cookie", directives["x-fake-set-cookie"]))
         if directives.get("x-fake-gzip") == "1" and reply.events is None and reply.body:

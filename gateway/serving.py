@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,20 @@ from gateway.settings import Settings
 from gateway.upstream import Stream, TeacherClient
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def answer_headers(upstream: Mapping[str, str], own: dict[str, str]) -> dict[str, str]:
+    """An answer's headers: what the upstream passed on (`gateway.upstream.forwarded_headers`), the gateway's
+    own, and an `x-request-id` as OpenAI sends with every answer: the upstream's, else one of the gateway's."""
+    headers = {**upstream, **own}
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = new_request_id()
+    return headers
+
+
+def new_request_id() -> str:
+    """A request id in OpenAI's shape (`req_` and 32 hex digits)."""
+    return f"req_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +142,7 @@ class Passthrough:
     ) -> Response:
         if request.stream:
             stream = await self.teacher.open_stream(upstream, raw, encoded=body)
-            headers = self._headers(stream.upstream, timer, stream.upstream_s)
+            headers = answer_headers(stream.headers, self._headers(stream.upstream, timer, stream.upstream_s))
             return StreamingResponse(
                 self._relay(stream, request.model, timer),
                 media_type="text/event-stream",
@@ -139,7 +154,7 @@ class Passthrough:
         except ValueError:
             prompt = completion = None
         self.accounting.teacher_cost(request.model, request.model, prompt, completion)
-        headers = self._headers(done.upstream, timer, done.upstream_s)
+        headers = answer_headers(done.headers, self._headers(done.upstream, timer, done.upstream_s))
         self.accounting.finished(request.model, "teacher", "passthrough", done.status, timer, done.upstream_s)
         return Response(done.content, status_code=done.status, media_type="application/json", headers=headers)
 

@@ -24,7 +24,7 @@ from gateway.inference_log import UNSUPPORTED_REASON, InferenceRecord, Inference
 from gateway.protocol import ChatCompletionRequest, task_input_text
 from gateway.registry import RegistryReader, ReloadResult
 from gateway.responses import SpecialistAnswer, TokenEstimator, completion_body, stream_events
-from gateway.serving import SSE_HEADERS, Accounting, ModelTable, Timer
+from gateway.serving import SSE_HEADERS, Accounting, ModelTable, Timer, answer_headers
 from gateway.settings import Settings, TaskConfig
 from gateway.shadow import ShadowRunner
 from gateway.softlabels import LabelSet
@@ -292,7 +292,7 @@ class TaskService:
             m.child(m.savings, task.name).inc(avoided)
         if task.shadow_rate > 0 and random.random() < task.shadow_rate:
             self.shadow.try_start(task.name, self._shadow_call(state, raw, request, text, decision, specialist.version))
-        headers = self._headers("specialist", reason, decision, specialist)
+        headers = answer_headers({}, self._headers("specialist", reason, decision, specialist))
         headers["x-apprentice-overhead-ms"] = timer.overhead_ms(0.0)
         self.accounting.finished(task.name, "specialist", reason, 200, timer, 0.0)
         if request.stream:
@@ -355,6 +355,7 @@ class TaskService:
             stream = await self.teacher.open_stream(upstream, body)
             headers["x-apprentice-upstream"] = stream.upstream
             headers["x-apprentice-overhead-ms"] = timer.overhead_ms(stream.upstream_s)
+            headers = answer_headers(stream.headers, headers)
 
             async def relay() -> AsyncIterator[bytes]:
                 rewriter = StreamRewriter(request)
@@ -395,6 +396,7 @@ class TaskService:
                 fit_logprobs_to_client(choice, request)
         headers["x-apprentice-upstream"] = done.upstream
         headers["x-apprentice-overhead-ms"] = timer.overhead_ms(done.upstream_s)
+        headers = answer_headers(done.headers, headers)
         self._finish_teacher(state, request, reading, reason, timer, done.upstream_s, done.status)
         return Response(json.dumps(data), status_code=done.status, media_type="application/json", headers=headers)
 

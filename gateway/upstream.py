@@ -42,6 +42,11 @@ from gateway.transport import AiohttpTransport, client_timeout
 log = logging.getLogger("apprentice.upstream")
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Upstream response headers a client of the provider reads, passed on as the upstream sent them: the request id
+# (what the provider's support asks for; the openai SDK exposes it as `_request_id`), the processing time, the
+# API version, and the rate-limit state of the key the gateway calls with (`x-ratelimit-*`).
+FORWARDED_HEADERS = frozenset({"x-request-id", "openai-processing-ms", "openai-version"})
+FORWARDED_PREFIX = "x-ratelimit-"
 
 
 @dataclass(slots=True)
@@ -83,6 +88,7 @@ class Completion:
     status: int
     content: bytes
     upstream_s: float
+    headers: dict[str, str] = field(default_factory=dict)  # `forwarded_headers` of the upstream's answer
 
     def json(self) -> dict[str, Any]:
         data = jsoncodec.loads(self.content)
@@ -117,6 +123,7 @@ class Stream:
     # Counts a failure mid-stream in upstream_errors_total, by kind ("stream_timeout" or "stream"): the attempt
     # was counted when the stream opened, and its failure belongs to the upstream's error ratio too.
     _on_error: Callable[[str], None] | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # `forwarded_headers` of the upstream's answer
 
     async def lines(self) -> AsyncIterator[str]:
         """SSE lines without the newline. Raises UpstreamError if the stream breaks or ends without [DONE]."""
@@ -285,8 +292,8 @@ class TeacherClient:
         elapsed = time.perf_counter() - t0
         self.metrics.child(self.metrics.upstream_latency, up.name).observe(elapsed)
         if status >= 400:
-            raise UpstreamStatusError(up.name, status, answer, _retry_headers(headers))
-        return Completion(up.name, status, answer, elapsed)
+            raise UpstreamStatusError(up.name, status, answer, _error_headers(headers))
+        return Completion(up.name, status, answer, elapsed, forwarded_headers(headers))
 
     async def _open_stream_once(self, up: Upstream, body: dict[str, Any], encoded: bytes | None) -> Stream:
         if up.config.provider == "litellm":
@@ -312,9 +319,12 @@ class TeacherClient:
                 content = b""
             finally:
                 await resp.aclose()
-            raise UpstreamStatusError(up.name, resp.status_code, content, _retry_headers(resp.headers))
+            raise UpstreamStatusError(up.name, resp.status_code, content, _error_headers(resp.headers))
         first_byte = up.config.timeouts.first_byte_s
-        return Stream(up.name, elapsed, resp.aiter_lines(), resp.aclose, first_byte, deadline, self._stream_error(up))
+        return Stream(
+            up.name, elapsed, resp.aiter_lines(), resp.aclose, first_byte, deadline, self._stream_error(up),
+            forwarded_headers(resp.headers),
+        )  # fmt: skip
 
     # -- litellm (imported on first use only) -------------------------------------------------------------
 
@@ -403,9 +413,23 @@ def _dumps(body: dict[str, Any]) -> bytes:
     return jsoncodec.dumps(body)
 
 
-def _retry_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's headers a client reads (FORWARDED_HEADERS, x-ratelimit-*), names lower-cased."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in FORWARDED_HEADERS or key.startswith(FORWARDED_PREFIX):
+            out[key] = value
+    return out
+
+
+def _error_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """`forwarded_headers` and `retry-after`: what an error answer passes on (the retries read retry-after)."""
+    out = forwarded_headers(headers)
     value = headers.get("retry-after")
-    return {"retry-after": value} if value is not None else {}
+    if value is not None:
+        out["retry-after"] = value
+    return out
 
 
 def _describe_timeout(exc: Exception, up: Upstream) -> str:

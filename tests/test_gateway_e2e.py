@@ -28,6 +28,8 @@ from procs import (
     start_gateway,
 )
 
+from benchmarks.fake_upstream import request_id_prefix
+
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -58,6 +60,15 @@ def test_non_streaming_completion_with_gateway_headers(client: openai.OpenAI) ->
     assert resp.choices[0].message.content == FAKE_ANSWER
     assert resp.choices[0].finish_reason == "stop"
     assert resp.usage is not None and resp.usage.completion_tokens == 9
+    # What the upstream says about the request travels with the answer: its id (the SDK's `_request_id`, what
+    # the provider's support asks for) and the rate-limit state of the key the gateway calls with.
+    assert raw.headers["x-request-id"].startswith(request_id_prefix("primary"))
+    assert resp._request_id == raw.headers["x-request-id"]
+    assert raw.headers["x-ratelimit-limit-requests"] == "10000"
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) < 10000
+    assert "openai-processing-ms" in raw.headers
+    again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert again.headers["x-request-id"] != raw.headers["x-request-id"]
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, stack: Stack, marker: str) -> None:
@@ -66,6 +77,8 @@ def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, 
     )
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["x-apprentice-route"] == "teacher"
+    assert raw.headers["x-request-id"].startswith(request_id_prefix("primary"))
+    assert "x-ratelimit-remaining-requests" in raw.headers
     chunks = list(raw.parse())
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == FAKE_ANSWER
     assert chunks[-1].choices[0].finish_reason == "stop"

@@ -9,6 +9,7 @@ the logprobs distill needs and giving the client only what it asked for, and lan
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from task_stack import (
     user,
 )
 
+from benchmarks.fake_upstream import request_id_prefix
 from gateway.settings import TaskConfig
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +76,13 @@ def test_confident_inputs_are_answered_by_the_specialist_without_an_upstream_cal
         assert resp.system_fingerprint is not None and stack.versions["intent"] in resp.system_fingerprint
         assert resp.usage is not None and resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
     assert stack.teacher_calls() == before, "a confident in-distribution request reached the teacher"
+    # Every answer has an id in OpenAI's shape, as OpenAI's do; the specialist's are the gateway's own.
+    ids = [
+        client.chat.completions.with_raw_response.create(model="intent", messages=user(text)).headers["x-request-id"]
+        for text, _ in stack.confident[:2]
+    ]
+    assert all(re.fullmatch(r"req_[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 2
+    assert not any(i.startswith(request_id_prefix("fake-upstream")) for i in ids)
 
 
 def test_specialist_stream_parses_in_the_openai_client(stack: TaskStack, client: openai.OpenAI) -> None:
@@ -150,6 +159,7 @@ def test_inputs_the_specialist_cannot_vouch_for_reach_the_teacher(
     assert raw.headers["x-apprentice-reason"] == reason
     assert raw.headers["x-apprentice-specialist-version"] == stack.versions["intent"]
     assert float(raw.headers["x-apprentice-score"]) < TAU
+    assert raw.headers["x-request-id"].startswith(request_id_prefix("fake-upstream"))  # the teacher's own id
     resp = raw.parse()
     assert resp.model == "intent"
     assert resp.choices[0].message.content == "weather"

@@ -16,6 +16,7 @@ import pytest
 from conftest import RETRY_AFTER_CAP_S, SLOW_FIRST_BYTE_S, Stack, fault
 from procs import MetricKey, metric_total, scrape_metrics
 
+from benchmarks.fake_upstream import request_id_prefix
 from gateway.app import create_app
 from gateway.settings import Settings
 
@@ -109,8 +110,9 @@ def test_retry_after_beyond_the_cap_returns_the_429_at_once(client: openai.OpenA
         )
     assert time.perf_counter() - start < RETRY_AFTER_CAP_S
     assert caught.value.status_code == 429
-    # The client learns how long the upstream wants it to wait.
+    # The client learns how long the upstream wants it to wait, and the id of the upstream's refusal.
     assert caught.value.response.headers["retry-after"] == str(wait)
+    assert caught.value.request_id is not None and caught.value.request_id.startswith(request_id_prefix("primary"))
     assert len(stack.recorded(stack.primary, user=marker)) == 1
 
 
