@@ -207,6 +207,11 @@ class TaskService:
                     f"x-apprentice-force-route must be one of {', '.join(FORCE_ROUTES)}, not {force!r}.",
                     param="x-apprentice-force-route",
                 )
+        if request.stream_options is not None and not request.stream:
+            # OpenAI's own refusal, word for word: the teacher would give it, so the specialist must too.
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
         state = self.states[task.name]
         state.requests += 1
         specialist = self.registry.get(task.name) if self.registry else None

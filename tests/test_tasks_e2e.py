@@ -85,6 +85,21 @@ def test_confident_inputs_are_answered_by_the_specialist_without_an_upstream_cal
     assert not any(i.startswith(request_id_prefix("fake-upstream")) for i in ids)
 
 
+def test_stream_options_without_stream_is_refused_as_openai_refuses_it(stack: TaskStack, client: openai.OpenAI) -> None:
+    text, _ = stack.confident[0]
+    before = stack.teacher_calls()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="intent", messages=user(text), stream_options={"include_usage": True})
+    assert caught.value.status_code == 400
+    assert caught.value.body == {
+        "message": "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        "type": "invalid_request_error",
+        "param": "stream_options",
+        "code": None,
+    }
+    assert stack.teacher_calls() == before
+
+
 def test_specialist_stream_parses_in_the_openai_client(stack: TaskStack, client: openai.OpenAI) -> None:
     text, label = stack.confident[0]
     before = stack.teacher_calls()
