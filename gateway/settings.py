@@ -7,6 +7,7 @@ Environment variables override the file with `__` between nesting levels, e.g.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Hashable
 from pathlib import Path
@@ -379,7 +380,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+            stream = io.StringIO(path.read_text(encoding="utf-8"))
+            stream.name = str(path)  # YAML's messages name the file instead of "<unicode string>"
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         except UnicodeDecodeError as exc:

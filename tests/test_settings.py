@@ -122,6 +122,14 @@ def test_a_file_that_is_not_a_yaml_mapping_is_refused(tmp_path: Path, text: str,
         load_settings(_write(tmp_path, text))
 
 
+def test_a_yaml_error_names_the_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server:\n  port: 8000\n  port: 8001\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert f'in "{path}", line 3' in str(caught.value)
+    assert "<unicode string>" not in str(caught.value)
+
+
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "absent.yaml")
