@@ -6,6 +6,7 @@ arguments, never secrets: keys are named by environment variable), so every work
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -140,6 +141,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
+        # A name that does not resolve, or an address this machine does not have, is the host's fault.
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"server.host: cannot listen on {host}: {exc.strerror}") from exc
         raise ConfigError(f"server.port: cannot bind {host}:{port}: {exc.strerror}") from exc
     sock.listen(2048)
     sock.set_inheritable(True)

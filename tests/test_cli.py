@@ -14,6 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gateway import server
+from gateway.server import bind_socket  # the real one: the fixture below replaces server.bind_socket
+from gateway.settings import ConfigError
 from router_models.cli import app
 
 runner = CliRunner()
@@ -131,3 +133,23 @@ def test_serve_help_lists_its_options() -> None:
     assert result.exit_code == 0
     for option in ("--config", "--host", "--port", "--workers", "--upstream", "--upstream-key-env", "--client-key-env"):
         assert option in result.output
+
+
+@pytest.mark.parametrize(
+    ("host", "taken", "name"),
+    [
+        ("nosuchhost.invalid", False, "server.host"),
+        ("192.0.2.1", False, "server.host"),
+        ("127.0.0.1", True, "server.port"),
+    ],
+)
+def test_a_socket_that_cannot_be_bound_names_the_setting_at_fault(host: str, taken: bool, name: str) -> None:
+    """A name that does not resolve or an address not on this machine (192.0.2.1: TEST-NET-1) is the host's
+    fault; a port in use is the port's."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1] if taken else 0
+        with pytest.raises(ConfigError) as caught:
+            bind_socket(host, port).close()
+    assert str(caught.value).startswith(f"{name}: ")
