@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from router_models.datasets import ensure_clinc150
-from router_models.flywheel import TASK, FlywheelConfig, WorkdirError, run_flywheel
+from router_models.flywheel import TASK, FlywheelConfig, FlywheelResult, WorkdirError, run_flywheel
 from router_models.flywheel_report import main_table, plot
 from router_models.processes import apprentice_command, start, wait_ready
 
@@ -58,10 +58,7 @@ def run_demo(
     plot(result, png)
     saving = 1 - result.cost_ratio if result.cost_ratio is not None else None
     print()
-    print(
-        f"{result.offload_in_scope:.0%} of in-scope test requests were answered by the specialist; "
-        f"{result.oos_escalation_recall:.0%} of out-of-scope requests still reached the teacher."
-    )
+    print(summary_line(result))
     if saving is not None:
         print(
             f"cost: ${result.gateway_cost_usd:.4f} through apprentice vs ${result.all_teacher_cost_usd:.4f} "
@@ -70,6 +67,20 @@ def run_demo(
     print(f"plot: {png}   ({time.perf_counter() - t0:.0f} s)")
     if serve:
         _serve(cfg, data_path)
+
+
+def summary_line(result: FlywheelResult) -> str:
+    """The offload and out-of-scope recall in words; a share of no requests is said as such, never as 0%."""
+    counts = result.test
+    in_scope = (
+        f"{result.offload_in_scope:.0%} of in-scope test requests were answered by the specialist"
+        if counts["in_scope"] else "no in-scope test requests were sent"
+    )  # fmt: skip
+    oos = (
+        f"{result.oos_escalation_recall:.0%} of out-of-scope requests still reached the teacher"
+        if counts["oos"] else "the test sample held no out-of-scope requests"
+    )  # fmt: skip
+    return f"{in_scope}; {oos}."
 
 
 def _serve(cfg: FlywheelConfig, data_path: Path) -> None:

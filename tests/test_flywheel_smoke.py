@@ -247,3 +247,24 @@ def test_the_summary_says_when_no_tau_reaches_the_target_and_still_gives_the_oth
     table = main_table(result)
     assert "no tau chosen on the test split itself gives the served version 0.97 agreement" in table
     assert "it would serve 0.8123" in table and "ROC area 0.9234" in table
+
+
+@pytest.mark.parametrize(
+    ("in_scope", "oos", "expected"),
+    [
+        (40, 10, "50% of in-scope test requests were answered by the specialist; 90% of out-of-scope requests"),
+        (40, 0, "50% of in-scope test requests were answered by the specialist; the test sample held no out-of"),
+        (0, 10, "no in-scope test requests were sent; 90% of out-of-scope requests"),
+    ],
+)
+def test_the_demo_never_states_a_share_of_no_requests_as_0_percent(in_scope: int, oos: int, expected: str) -> None:
+    from router_models.demo import summary_line
+    from router_models.flywheel import FlywheelResult
+
+    result = FlywheelResult(
+        dataset="d", teacher="t", student="tfidf", target_agreement=0.97, agreement_confidence=0.9, requests=10,
+        teacher_accuracy_in_scope=0.9, system_accuracy_in_scope=0.9, offload_in_scope=0.5, agreement_offloaded=0.96,
+        oos_escalation_recall=0.9 if oos else 0.0, cost_ratio=0.5, gateway_cost_usd=1.0, all_teacher_cost_usd=2.0,
+        test={"in_scope": in_scope, "oos": oos},
+    )  # fmt: skip
+    assert summary_line(result).startswith(expected)
