@@ -111,7 +111,7 @@ def _current_holdout(
     try:
         manifest, runner = load_version(vdir)
         probs, ood = runner.predict([e.text for e in holdout])
-    except Exception as exc:  # noqa: BLE001 - an unreadable current version must not block a good candidate
+    except Exception as exc:  # noqa: BLE001 - an unreadable current version must not block a good candidate (`gate`)
         return version, None, f"current version {version} could not be scored ({type(exc).__name__}: {exc})"
     predicted = [manifest.labels[i] for i in probs.argmax(axis=1)] if len(holdout) else []
     metrics = calibration.evaluate(
@@ -131,7 +131,12 @@ def _weights(examples: list[Example]) -> np.ndarray:
 
 
 def gate(
-    candidate: dict[str, Any], current: dict[str, Any] | None, target: float, tolerance: float
+    candidate: dict[str, Any],
+    current: dict[str, Any] | None,
+    target: float,
+    tolerance: float,
+    *,
+    current_unscored: bool = False,
 ) -> tuple[bool, str]:
     """Promote unless the candidate is worse than the current version on the same holdout: less coverage at
     its own calibrated tau (what it would really serve; beyond `tolerance`), or agreement on served below the
@@ -141,18 +146,32 @@ def gate(
     (Kish, weights counted). The holdout is the newest 15% with shadow rows of weight 1 / shadow_rate: one
     disagreement among them moved agreement by a point and refused candidates that served half as much again
     at the target (measured on the CLINC150 flywheel). tau's confidence bound is the guarantee; the gate only
-    catches a candidate that is clearly off it."""
+    catches a candidate that is clearly off it.
+
+    `current_unscored`: a current version exists but could not be scored (a version directory gone, a graph
+    this code cannot run). The candidate then stands on its own: promoted only if it serves something at
+    agreement within sampling noise of the target, so a weak night never replaces a good version unseen."""
+    n_eff = float(candidate.get("served_effective_n") or candidate.get("served") or 0)
+    noise = 2.0 * math.sqrt(target * (1.0 - target) / n_eff) if n_eff > 0 else 0.0
+    cand_cov, cand_ag = candidate["coverage"], candidate["agreement_served"]
+    if current is None and current_unscored:
+        if cand_cov <= 0.0:
+            return False, "kept current, which could not be scored: the candidate would serve nothing"
+        if cand_ag is None or cand_ag < target - noise:
+            return False, (
+                f"kept current, which could not be scored: the candidate's agreement on served {cand_ag} is below "
+                f"the target {target} by more than sampling noise ({noise:.4f})"
+            )
+        return True, f"the current version could not be scored; the candidate serves {cand_cov:.4f} at {cand_ag:.4f}"
     if current is None:
         return True, "no current version to compare with"
-    cand_cov, cur_cov = candidate["coverage"], current["coverage"]
+    cur_cov = current["coverage"]
     if cand_cov < cur_cov - tolerance:
         return False, (
             f"kept current: coverage {cand_cov:.4f} is below the current version's "
             f"{cur_cov:.4f} (tolerance {tolerance})"
         )
-    cand_ag, cur_ag = candidate["agreement_served"], current["agreement_served"]
-    n_eff = float(candidate.get("served_effective_n") or candidate.get("served") or 0)
-    noise = 2.0 * math.sqrt(target * (1.0 - target) / n_eff) if n_eff > 0 else 0.0
+    cur_ag = current["agreement_served"]
     if cand_ag is not None and cand_ag < target - noise and (cur_ag is None or cand_ag < cur_ag - tolerance):
         return False, (
             f"kept current: agreement on served {cand_ag:.4f} is below the target {target} by more than "
@@ -324,7 +343,7 @@ def run_distill(
                 weights=_weights(split.holdout),
             )
             cur_version, cur, cur_note = _current_holdout(registry_dir, task, split.holdout, target)
-        promoted, reason = gate(cand, cur, target, cfg.gate_tolerance)
+        promoted, reason = gate(cand, cur, target, cfg.gate_tolerance, current_unscored=cur_note is not None)
         if cur_note:
             reason = f"{reason}; {cur_note}"
         if tau_result.tau >= 1.0:

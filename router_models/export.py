@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.manifest import Manifest, RouterSpec, TextInput, TokenInput
+from gateway.manifest import Manifest, Outputs, RouterSpec, TextInput, TokenInput
 from router_models.onnx_head import attach_head
 from router_models.registry import promote, version_name, write_version
 from router_models.students import MAX_WORDS, ONNX_CHAR_TOKENEXP, ONNX_LOCALE, ONNX_TOKENEXP, TfidfStudent
@@ -157,7 +157,12 @@ class OnnxSpecialist:
     """Runs a specialist's model.onnx with onnxruntime alone, as the gateway does (text or token inputs)."""
 
     def __init__(
-        self, model: bytes | Path, input_spec: TextInput | TokenInput, tokenizer: Path | None = None, threads: int = 1
+        self,
+        model: bytes | Path,
+        input_spec: TextInput | TokenInput,
+        tokenizer: Path | None = None,
+        threads: int = 1,
+        outputs: Outputs | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -177,6 +182,8 @@ class OnnxSpecialist:
             self.tokenizer.enable_truncation(max_length=input_spec.max_length)
             self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self._inputs = {i.name for i in self.session.get_inputs()}
+        # The graph's output names, as its manifest declares them (the gateway reads them so too).
+        self.outputs = outputs or Outputs()
 
     def _feeds(self, texts: Sequence[str]) -> dict[str, Any]:
         spec = self.input_spec
@@ -199,7 +206,9 @@ class OnnxSpecialist:
 
         Batched so the dense TF-IDF rows stay small; token inputs are grouped by length so that a batch
         pads to its own longest text, not to the longest of all."""
-        n_labels = int(self.session.get_outputs()[0].shape[1])
+        outputs = [self.outputs.probabilities, self.outputs.ood_score]
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        n_labels = int(shapes[outputs[0]][1])
         probs = np.zeros((len(texts), n_labels))
         ood = np.zeros(len(texts))
         order = list(range(len(texts)))
@@ -208,7 +217,7 @@ class OnnxSpecialist:
             batch_size = min(batch_size, 32)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            p, o = self.session.run(["probabilities", "ood_score"], self._feeds([texts[i] for i in idx]))
+            p, o = self.session.run(outputs, self._feeds([texts[i] for i in idx]))
             probs[idx] = p
             ood[idx] = np.asarray(o).reshape(-1)
         return probs, ood
@@ -218,7 +227,7 @@ def load_version(version_dir: Path) -> tuple[Manifest, OnnxSpecialist]:
     """A registry version's manifest and its model.onnx, ready to score texts as the gateway would."""
     manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
     tokenizer = version_dir / manifest.input.tokenizer if manifest.input.kind == "tokens" else None
-    return manifest, OnnxSpecialist(version_dir / "model.onnx", manifest.input, tokenizer)
+    return manifest, OnnxSpecialist(version_dir / "model.onnx", manifest.input, tokenizer, outputs=manifest.outputs)
 
 
 def check_parity(

@@ -113,6 +113,40 @@ def test_gate_refuses_a_worse_candidate_on_the_same_holdout(promoted):
     assert listed[outcome.version] is False and listed[first.version] is True
 
 
+def test_distill_scores_a_current_version_by_the_output_names_its_manifest_declares(promoted, tmp_path):
+    """The gateway reads the graph's outputs by the manifest's names; distill's scoring of the current version
+    must too, or such a version is "unscorable" and the gate judges the candidate alone."""
+    import hashlib
+
+    import onnx
+
+    from gateway.manifest import Outputs
+    from router_models.export import load_version
+
+    settings, first = promoted
+    source = settings.registry.path / TASK / "versions" / first.version
+    model = onnx.load_from_string((source / "model.onnx").read_bytes())
+    renamed = {"probabilities": "label_probs", "ood_score": "ood"}
+    for node in model.graph.node:
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for output in model.graph.output:
+        output.name = renamed.get(output.name, output.name)
+    data = model.SerializeToString()
+    manifest = Manifest.model_validate_json((source / "manifest.json").read_bytes())
+    manifest = manifest.model_copy(
+        update={"outputs": Outputs(probabilities="label_probs", ood_score="ood"),
+                "model_sha256": hashlib.sha256(data).hexdigest()}
+    )  # fmt: skip
+    target = tmp_path / first.version
+    target.mkdir()
+    (target / "model.onnx").write_bytes(data)
+    (target / "manifest.json").write_text(manifest.model_dump_json())
+    texts = ["what is my balance", "transfer money to my savings", "zzz qqq"]
+    probs, ood = load_version(target)[1].predict(texts)
+    expected_probs, expected_ood = load_version(source)[1].predict(texts)
+    assert (probs == expected_probs).all() and (ood == expected_ood).all()
+
+
 def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
     settings, first = promoted
     before = {v.version for v in list_versions(settings.registry.path, TASK)}

@@ -69,6 +69,16 @@ def test_the_gate_refuses_a_candidate_that_would_serve_nothing():
     assert promoted
 
 
+def test_a_candidate_promoted_over_a_current_version_that_could_not_be_scored_must_hold_up_alone():
+    good = {"coverage": 0.7, "agreement_served": 0.975, "served_effective_n": 600.0}
+    assert gate(good, None, 0.97, 0.01, current_unscored=True)[0]
+    for weak in ({"coverage": 0.0, "agreement_served": None}, {**good, "agreement_served": 0.93}):
+        promoted, reason = gate(weak, None, 0.97, 0.01, current_unscored=True)
+        assert not promoted and reason.startswith("kept current, which could not be scored")
+    # With no current version at all there is nothing to keep: the first version is promoted as it is.
+    assert gate({"coverage": 0.0, "agreement_served": None}, None, 0.97, 0.01)[0]
+
+
 def test_the_gate_forgives_agreement_within_sampling_noise_of_the_target():
     current = {"coverage": 0.45, "agreement_served": 0.985, "served_effective_n": 600.0}
     # 0.962 over an effective 150 served rows is within two standard errors of 0.97 (0.028): promote.
