@@ -220,15 +220,27 @@ def _set_current(registry_dir: Path, task: str, version: str, action: str) -> st
     return previous
 
 
+def _version_dir(registry_dir: Path, task: str, version: str) -> tuple[str, Path]:
+    """(the version's plain name, its directory) for a name as an operator may type it: tab completion's
+    trailing "/", or "./NAME", finds the same directory, but `current` must hold the plain name, the only
+    form gateways accept. A name that leads out of the task's versions/ is refused."""
+    versions = task_dir(registry_dir, task) / VERSIONS
+    version_dir = versions / version
+    if not version_dir.is_dir():
+        raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {versions}")
+    resolved = version_dir.resolve()
+    if resolved.parent != versions.resolve() or resolved.name.startswith("."):
+        raise VersionNotFoundError(f"{version!r} is not a version of task {task!r}: it leads out of {versions}")
+    return resolved.name, versions / resolved.name
+
+
 def promote(
     registry_dir: Path, task: str, version: str, *, lock: bool = True, check: VersionCheck | None = None
 ) -> str | None:
     """Point `current` at a complete, verified version; returns the version it replaced.
 
     `lock=False` is for a caller that already holds `task_lock` (distill)."""
-    version_dir = task_dir(registry_dir, task) / VERSIONS / version
-    if not version_dir.is_dir():
-        raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {version_dir.parent}")
+    version, version_dir = _version_dir(registry_dir, task, version)
     with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
         _verify(version_dir, task, check)
         if current_version(registry_dir, task) == version:
@@ -268,7 +280,10 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
             candidates = older[::-1]
         for target in candidates:
             try:
-                _verify(task_dir(registry_dir, task) / VERSIONS / target, task, check)
+                target, target_dir = _version_dir(registry_dir, task, target)  # a history line may say "V/"
+                if target == current:
+                    continue
+                _verify(target_dir, task, check)
             except RegistryError as exc:
                 log.warning("rollback of %s skips %s: %s", task, target, exc)
                 continue

@@ -99,6 +99,29 @@ def test_promote_refuses_missing_or_tampered_versions(tmp_path):
     assert current_version(tmp_path, TASK) is None
 
 
+@pytest.mark.parametrize("typed", ["{v}/", "./{v}", "../versions/{v}"])
+def test_a_version_typed_with_a_path_around_it_is_promoted_under_its_plain_name(tmp_path, typed):
+    """Tab completion inside versions/ adds "/": `current` still gets the plain name, the only one gateways
+    read, and promoting the current version again is still a no-op."""
+    v1, v2 = _version(tmp_path, 1), _version(tmp_path, 2)
+    promote(tmp_path, TASK, v1)
+    assert promote(tmp_path, TASK, typed.format(v=v2)) == v1
+    assert current_version(tmp_path, TASK) == v2
+    assert promote(tmp_path, TASK, typed.format(v=v2)) == v2  # already current: unchanged
+    history = [json.loads(line) for line in (tmp_path / TASK / "history.jsonl").read_text().splitlines()]
+    assert [h["version"] for h in history] == [v1, v2]
+    assert rollback(tmp_path, TASK) == v1
+
+
+def test_a_version_name_that_leads_out_of_the_task_is_refused(tmp_path):
+    v1 = _version(tmp_path, 1)
+    other = tmp_path / "other" / TASK / "versions"
+    shutil.copytree(tmp_path / TASK / "versions" / v1, other / v1)
+    with pytest.raises(VersionNotFoundError, match="leads out of"):
+        promote(tmp_path, TASK, f"../../other/{TASK}/versions/{v1}")
+    assert current_version(tmp_path, TASK) is None
+
+
 def test_current_never_names_an_incomplete_version(tmp_path):
     """A reader polling as fast as it can while versions are written and promoted never sees `current`
     name a directory without a verified model.onnx and manifest.json."""
