@@ -145,20 +145,31 @@ def registry_list(
     config: ConfigOpt = None,
 ) -> None:
     """Versions of a task, oldest first; * marks the current one."""
-    from router_models.registry import list_versions
+    from router_models.registry import current_version, list_versions
 
     settings = _settings(config)
     _task(settings, task)
-    versions = list_versions(settings.registry.path, task)
+    try:
+        versions = list_versions(settings.registry.path, task, include_unreadable=True)
+        current = current_version(settings.registry.path, task)
+    except OSError as exc:
+        _fail(_os_error(exc))
+        return
     if not versions:
         typer.echo(f"{task}: no versions under {settings.registry.path / task}")
     for v in versions:
+        mark = "*" if v.current else " "
+        if v.problem is not None:
+            typer.echo(f"{mark} {v.version}  unreadable manifest: {v.problem}")
+            continue
         agreement = v.metrics.get("holdout_agreement_served")
         coverage = v.metrics.get("holdout_coverage")
         typer.echo(
-            f"{'*' if v.current else ' '} {v.version}  {v.student:7s} tau={v.tau:.4f}  "
+            f"{mark} {v.version}  {v.student:7s} tau={v.tau:.4f}  "
             f"coverage={coverage}  agreement={agreement}  created={v.created_at}"
         )
+    if current is not None and not any(v.current for v in versions):
+        typer.echo(f"! current names {current!r}, which is not a version here: gateways refuse it")
 
 
 def _gateway_check(settings: Settings, task: str) -> Callable[[Path], None]:
@@ -194,6 +205,7 @@ def registry_promote(
         _fail(str(exc))
     except OSError as exc:
         _fail(_os_error(exc))
+    version = Path(version).name  # promote wrote the plain name (tab completion may have added a "/")
     if previous == version:
         typer.echo(f"{task}: {version} is already current; nothing changed")
         return

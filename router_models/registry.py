@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -60,6 +61,8 @@ class VersionInfo:
     current: bool
     tau: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Why the version's manifest cannot be read (only listed with `include_unreadable`), else None.
+    problem: str | None = None
 
 
 def version_name(model_sha256: str, now: datetime | None = None) -> str:
@@ -292,8 +295,9 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
         raise RegistryError(f"task {task!r} has no earlier complete version than {current!r}")
 
 
-def list_versions(registry_dir: Path, task: str) -> list[VersionInfo]:
-    """Complete versions of a task, oldest first (hidden temporary directories are not versions)."""
+def list_versions(registry_dir: Path, task: str, *, include_unreadable: bool = False) -> list[VersionInfo]:
+    """Complete versions of a task, oldest first (hidden temporary directories are not versions). With
+    `include_unreadable`, directories whose manifest cannot be read are listed too, with the `problem`."""
     versions = task_dir(registry_dir, task) / VERSIONS
     if not versions.is_dir():
         return []
@@ -302,7 +306,10 @@ def list_versions(registry_dir: Path, task: str) -> list[VersionInfo]:
     for path in sorted(p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             manifest = Manifest.model_validate_json((path / "manifest.json").read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if include_unreadable:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+                out.append(VersionInfo(path.name, path, "", "", path.name == current, math.nan, problem=why))
             continue
         out.append(
             VersionInfo(

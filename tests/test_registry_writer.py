@@ -273,7 +273,9 @@ def test_promoting_the_current_version_changes_nothing_and_rollback_never_return
     assert current_version(tmp_path, TASK) == v1
 
 
-@pytest.mark.parametrize("command", [["registry", "rollback"], ["registry", "promote", "v1"], ["distill"]])
+@pytest.mark.parametrize(
+    "command", [["registry", "rollback"], ["registry", "promote", "v1"], ["registry", "list"], ["distill"]]
+)
 def test_a_registry_path_that_is_a_file_is_one_line_not_a_traceback(tmp_path, command):
     from task_stack import INTENTS
 
@@ -293,3 +295,27 @@ def test_a_registry_path_that_is_a_file_is_one_line_not_a_traceback(tmp_path, co
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "registry-file" in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_registry_list_shows_a_version_it_cannot_read_and_a_current_that_names_nothing(tmp_path):
+    from task_stack import INTENTS
+
+    v1, v2 = _version(tmp_path, 1), _version(tmp_path, 2)
+    promote(tmp_path, TASK, v2)
+    (tmp_path / TASK / "versions" / v2 / "manifest.json").write_text("{ damaged")
+    config = tmp_path / "apprentice.yaml"
+    config.write_text(yaml.safe_dump({"tasks": {TASK: {"teacher": "gpt-4o", "labels": INTENTS}},
+                                      "registry": {"path": str(tmp_path)}}))  # fmt: skip
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+
+    def listed() -> list[str]:
+        args = [sys.executable, "-m", "router_models.cli", "registry", "list", "--task", TASK, "--config", str(config)]
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    first, second = listed()
+    assert first.startswith(f"  {v1}  tfidf")
+    assert second.startswith(f"* {v2}  unreadable manifest: ")  # the current version, and why it is broken
+    (tmp_path / TASK / "current").write_text("20990101T000000Z-gone00\n")
+    assert listed()[-1] == "! current names '20990101T000000Z-gone00', which is not a version here: gateways refuse it"
