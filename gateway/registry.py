@@ -56,6 +56,7 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 Outcome = Literal["loaded", "unchanged", "refused", "no_pointer"]
 # What identifies one state of the pointer file: os.replace gives a new inode even within one mtime tick.
 _PointerStamp = tuple[int, int, int]
+_UNREADABLE: _PointerStamp = (-1, -1, -1)  # the stamp of a pointer that could not be stat'ed
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,8 @@ class RegistryReader:
         self._current: dict[str, Specialist] = {}
         # Last pointer state acted on per task; a poll that sees the same stamp does nothing.
         self._stamps: dict[str, _PointerStamp | None] = {}
+        # Tasks checked again at the next poll even if the pointer is unchanged, with the pointer's stamp then.
+        self._retry: dict[str, _PointerStamp | None] = {}
         self._last: dict[str, ReloadResult] = {}
         # Per task, so the poller and an admin reload never load the same task twice at once.
         self._locks = {task: threading.Lock() for task in tasks}
@@ -154,12 +157,20 @@ class RegistryReader:
     def _check(self, task: str, *, force: bool) -> ReloadResult | None:
         with self._locks[task]:
             pointer = self.task_dir(task) / POINTER_FILE
-            stamp = _stamp(pointer)
+            serving = self._current.get(task)
+            previous = serving.version if serving is not None else None
+            retried = self._retry.pop(task, None)
+            try:
+                stamp = _stamp(pointer)
+            except OSError as exc:  # the task directory cannot be read (permissions, a stale mount): retried
+                self._stamps.pop(task, None)
+                self._retry[task] = _UNREADABLE
+                why = f"cannot read {pointer}: {exc.strerror or exc}"
+                quiet = not force and retried == _UNREADABLE
+                return self._refused(task, None, previous, SpecialistLoadError("bad_pointer", why), quiet=quiet)
             if not force and task in self._stamps and stamp == self._stamps[task]:
                 return None
             self._stamps[task] = stamp
-            serving = self._current.get(task)
-            previous = serving.version if serving is not None else None
             if stamp is None:
                 return self._no_pointer(task, previous)
             try:
@@ -172,7 +183,13 @@ class RegistryReader:
                 return self._refused(task, None, previous, SpecialistLoadError("bad_pointer", str(exc)))
             if serving is not None and version == serving.version:
                 return ReloadResult(task, "unchanged", version, previous, previous)
-            return self._load(task, version, previous)
+            result = self._load(task, version, previous, quiet=not force and retried == stamp)
+            if result.reason == "missing_file":
+                # Tried again at every poll: a synced registry (rsync, an object-store sync) may copy `current`
+                # before the version's directory, and the pointer will not change again when it arrives.
+                self._stamps.pop(task, None)
+                self._retry[task] = stamp
+            return result
 
     def _no_pointer(self, task: str, previous: str | None) -> ReloadResult:
         result = ReloadResult(task, "no_pointer", None, previous, previous)
@@ -183,14 +200,14 @@ class RegistryReader:
         self._last[task] = result
         return result
 
-    def _load(self, task: str, version: str, previous: str | None) -> ReloadResult:
+    def _load(self, task: str, version: str, previous: str | None, *, quiet: bool = False) -> ReloadResult:
         try:
             if not _VERSION_NAME.fullmatch(version):
                 raise SpecialistLoadError("bad_pointer", f"{POINTER_FILE} holds {version[:80]!r}, not a version")
             version_dir = self.task_dir(task) / VERSIONS_DIR / version
             specialist = Specialist.load(version_dir, task=task, labels=self._labels[task])
         except SpecialistLoadError as exc:
-            return self._refused(task, version, previous, exc)
+            return self._refused(task, version, previous, exc, quiet=quiet)
         self._current[task] = specialist  # the swap: one reference replaced
         result = ReloadResult(task, "loaded", version, version, previous)
         self.loads_ok[task] += 1
@@ -199,13 +216,21 @@ class RegistryReader:
         )
         return self._report(result)
 
-    def _refused(self, task: str, version: str | None, previous: str | None, exc: SpecialistLoadError) -> ReloadResult:
+    def _refused(
+        self, task: str, version: str | None, previous: str | None, exc: SpecialistLoadError, *, quiet: bool = False
+    ) -> ReloadResult:
+        """`quiet`: a poll's retry of the same pointer (a version not there yet, a directory it cannot read)."""
+        result = ReloadResult(task, "refused", version, previous, previous, exc.reason, exc.detail)
+        if quiet and self._last.get(task) == result:
+            # The same refusal at a retry: counted and logged once, not at every poll.
+            logger.debug("task=%s version=%s still refused reason=%s", task, version, exc.reason)
+            return result
         self.load_failures[(task, exc.reason)] += 1
         logger.warning(
             "task=%s version=%s refused reason=%s: %s; still serving %s",
             task, version, exc.reason, exc.detail, previous or "no specialist",
         )  # fmt: skip
-        return self._report(ReloadResult(task, "refused", version, previous, previous, exc.reason, exc.detail))
+        return self._report(result)
 
     def _report(self, result: ReloadResult) -> ReloadResult:
         self._last[result.task] = result

@@ -203,6 +203,51 @@ def test_a_pointer_to_a_missing_version_is_refused(registry: Path, v1: str) -> N
     assert reader.get(TASK).version == v1  # type: ignore[union-attr]
 
 
+def test_a_version_that_arrives_after_its_pointer_is_loaded_when_it_does(
+    registry: Path, v1: str, v2: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A synced registry may copy `current` before the version directory; the pointer then never changes
+    again, so the reader keeps trying, and reports the refusal once, not at every poll."""
+    events: list[ReloadResult] = []
+    reader = make_reader(registry, events)
+    reader.poll()
+    parked = registry / "parked"
+    (registry / TASK / "versions" / v2).rename(parked)
+    point(registry, v2)
+    with caplog.at_level(logging.WARNING, logger="apprentice.registry"):
+        for _ in range(3):
+            (result,) = reader.poll()
+            assert (result.outcome, result.reason) == ("refused", "missing_file")
+    assert reader.load_failures[(TASK, "missing_file")] == 1
+    assert [e.outcome for e in events] == ["loaded", "refused"]
+    assert sum("refused" in m for m in caplog.messages) == 1
+    parked.rename(registry / TASK / "versions" / v2)
+    (result,) = reader.poll()
+    assert (result.outcome, result.version) == ("loaded", v2)
+    assert reader.get(TASK).version == v2  # type: ignore[union-attr]
+
+
+def test_a_task_directory_that_cannot_be_read_is_a_refusal_not_a_traceback(
+    registry: Path, v1: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = make_reader(registry)
+    reader.poll()
+    (registry / TASK).rename(registry / "moved")
+    (registry / TASK).write_text("a file where the task's directory was")
+    with caplog.at_level(logging.WARNING, logger="apprentice.registry"):
+        for _ in range(3):
+            (result,) = reader.poll()
+            assert (result.outcome, result.reason) == ("refused", "bad_pointer")
+            assert "cannot read" in result.detail
+    assert not any(record.exc_info for record in caplog.records)
+    assert reader.load_failures[(TASK, "bad_pointer")] == 1
+    assert reader.get(TASK).version == v1  # type: ignore[union-attr]
+    (registry / TASK).unlink()
+    (registry / "moved").rename(registry / TASK)
+    (result,) = reader.poll()
+    assert (result.outcome, result.version) == ("unchanged", v1)
+
+
 def test_a_vanished_pointer_keeps_the_loaded_version(registry: Path, v1: str) -> None:
     reader = make_reader(registry)
     reader.poll()
