@@ -127,6 +127,11 @@ class Metrics:
             "apprentice_specialist_info", "1 for the specialist version each task serves",
             ["task", "version"], registry=reg, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.registry_refused = Gauge(
+            "apprentice_registry_current_refused", "1 while the version a task's current pointer names is refused "
+            "by this gateway (the reason: apprentice_registry_loads_total and the log)", ["task"], registry=reg,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.registry_loads = Counter(
             "apprentice_registry_loads", "Specialist loads by result (loaded or the reason it was refused)",
             ["task", "result"], registry=reg,

@@ -182,7 +182,10 @@ class RegistryReader:
             except (OSError, UnicodeDecodeError) as exc:
                 return self._refused(task, None, previous, SpecialistLoadError("bad_pointer", str(exc)))
             if serving is not None and version == serving.version:
-                return ReloadResult(task, "unchanged", version, previous, previous)
+                unchanged = ReloadResult(task, "unchanged", version, previous, previous)
+                # Pointed back at the serving version after a refusal: reported, so the refusal is over.
+                refused = (last := self._last.get(task)) is not None and last.outcome == "refused"
+                return self._report(unchanged) if refused else unchanged
             result = self._load(task, version, previous, quiet=not force and retried == stamp)
             if result.reason == "missing_file":
                 # Tried again at every poll: a synced registry (rsync, an object-store sync) may copy `current`
@@ -197,8 +200,7 @@ class RegistryReader:
             logger.warning("task=%s %s pointer is gone; still serving version=%s", task, POINTER_FILE, previous)
         else:
             logger.info("task=%s has no specialist yet (no %s)", task, self.task_dir(task) / POINTER_FILE)
-        self._last[task] = result
-        return result
+        return self._report(result)
 
     def _load(self, task: str, version: str, previous: str | None, *, quiet: bool = False) -> ReloadResult:
         try:

@@ -122,6 +122,7 @@ class TaskService:
             # a refused version is not retried, so its counter would otherwise appear at 1 and stay there.
             for result in ("loaded", *REFUSAL_REASONS):
                 self.metrics.registry_loads.labels(task=name, result=result)
+            self.metrics.registry_refused.labels(task=name).set(0)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -140,6 +141,8 @@ class TaskService:
         # Called from the loading thread; prometheus metrics are thread-safe.
         if result.outcome in ("loaded", "refused"):
             self.metrics.registry_loads.labels(task=result.task, result=result.result).inc()
+        # A state, not an event: a gateway that refused the current version at start-up has no increase to show.
+        self.metrics.registry_refused.labels(task=result.task).set(1 if result.outcome == "refused" else 0)
         if result.outcome == "loaded" and result.version is not None:
             # Set here, in every worker that swaps, not at scrape time: the version swapped out must drop to 0,
             # or the info gauge names two versions as serving.

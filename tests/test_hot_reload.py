@@ -199,6 +199,7 @@ def test_a_broken_artifact_is_refused_and_the_old_version_keeps_serving(
         assert resp.json()["choices"][0]["message"]["content"] == label
     assert stack.serving("guarded") == serving
     assert f"version={bad} refused reason={reason}" in stack.gateway.output()
+    assert stack.metric("apprentice_registry_current_refused", task="guarded") == 1
     # an admin reload tries again, and refuses again
     with admin(stack.gateway.url) as api:
         result = api.post("/admin/tasks/guarded/reload").json()
@@ -220,4 +221,5 @@ def test_a_good_version_promoted_after_a_refusal_is_loaded(stack: TaskStack, htt
 
     wait_for(served, "the good version after a refused one", timeout_s=POLL_S + SLACK_S + 5)
     samples = scrape_metrics(stack.gateway.url)
+    assert metric_total(samples, "apprentice_registry_current_refused", task="guarded") == 0
     assert metric_total(samples, "apprentice_specialist_info", task="guarded", version=good) == 1

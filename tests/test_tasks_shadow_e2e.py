@@ -193,12 +193,13 @@ def test_metrics_count_routes_reasons_scores_and_savings(
 
 def test_every_refusal_series_exists_at_zero_so_the_first_refusal_is_an_increase(stack: TaskStack) -> None:
     """A refused version is not retried: a counter that first appeared at 1 would never increase, and the
-    ApprenticeRegistryLoadRefused rule (an increase()) would never fire."""
+    dashboard's refusals panel (an increase()) would never show it. The refusal state starts at 0 too."""
     samples = stack.metrics()
     for task in ("intent", "intent_shadow", "intent_empty"):
         for result in ("labels_mismatch", "sha_mismatch", "corrupt", "bad_manifest", "missing_file", "bad_pointer"):
             key = ("apprentice_registry_loads_total", frozenset({("task", task), ("result", result)}))
             assert samples.get(key) == 0.0, (task, result)
+        assert samples.get(("apprentice_registry_current_refused", frozenset({("task", task)}))) == 0.0, task
 
 
 def test_shadow_answers_calibrate_the_usage_the_specialist_reports(stack: TaskStack, client: openai.OpenAI) -> None:
