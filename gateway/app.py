@@ -281,6 +281,7 @@ def _make_sink(settings: Settings, metrics: Metrics) -> InferenceSink:
     if isinstance(sink, LogWriter):
         # Called from the event loop and from writer threads; prometheus counters are thread-safe.
         sink.on_count = lambda outcome, n: metrics.log_records.labels(outcome=outcome).inc(n)
+        sink.on_depth = metrics.log_queue_depth.set
     return sink
 
 

@@ -10,7 +10,8 @@ store cannot take stays in the spool, and the next `start` with the same spool_d
 Counters (`LogWriter.stats`, and `on_count(name, n)` for Prometheus): written (inserted from the queue),
 spooled, replayed (inserted from the spool), rejected (refused by the store as bad data: set aside in
 spool_dir/rejected-*.jsonl, never replayed), dropped (could not even be serialised: logged as an error;
-stays 0 in practice), write_errors (failed store attempts). `on_count` is called from the event loop and from
+stays 0 in practice), write_errors (failed store attempts), unspooled (records the spool could not take,
+held in memory, at every attempt). `on_count` is called from the event loop and from
 worker threads, so it must be thread-safe (prometheus_client counters are). Replays are idempotent on the
 record id, so a record spooled twice is still stored once.
 """
@@ -51,6 +52,9 @@ class LogWriterStats:
     rejected: int = 0
     dropped: int = 0
     write_errors: int = 0
+    # Records the spool could not take (disk full, unwritable), held in memory; counted at every attempt, so
+    # it keeps rising while they wait for the store.
+    unspooled: int = 0
 
 
 def brief(exc: BaseException) -> str:
@@ -92,6 +96,9 @@ class LogWriter:
         self.store = store
         self.stats = LogWriterStats()
         self.on_count = on_count
+        # Called on the event loop with the queue's depth whenever the writer takes or finishes a batch: every
+        # worker keeps its own gauge current, not only the one a scrape happens to reach.
+        self.on_depth: Callable[[int], None] | None = None
         self._spool = Spool(spool_dir)
         self._queue: asyncio.Queue[InferenceRecord | None] = asyncio.Queue(maxsize=queue_size)
         self._batch_size = batch_size
@@ -192,6 +199,13 @@ class LogWriter:
                     await asyncio.wait_for(asyncio.shield(final), max(0.1, deadline - loop.time()))
         await asyncio.to_thread(self._finish)
 
+    def _report_depth(self) -> None:
+        if self.on_depth is not None:
+            try:
+                self.on_depth(self._queue.qsize())
+            except Exception:  # a metrics hook must never stop the writer
+                log.exception("inference log: on_depth hook failed")
+
     def _drain_queue(self) -> list[InferenceRecord]:
         items: list[InferenceRecord] = []
         while True:
@@ -226,6 +240,7 @@ class LogWriter:
                     break
                 batch.append(item)
             self._in_flight = batch
+            self._report_depth()
             records: list[InferenceRecord] | None = None
             try:
                 # Redacted first and held as redacted: what the replayer writes back never skips redaction.
@@ -235,6 +250,7 @@ class LogWriter:
                 log.exception("inference log: writing a batch failed unexpectedly; holding it for the replayer")
                 self._hold_after_failure(batch, records)
             self._in_flight = []
+            self._report_depth()
             if stop or (self._closed and self._queue.empty()):
                 return
 
@@ -362,6 +378,7 @@ class LogWriter:
             log.error("inference log: cannot write the spool in %s (%s); holding %d records in memory",
                       self._spool.directory, exc, len(encoded))  # fmt: skip
             self._count("write_errors", 1)
+            self._count("unspooled", len(encoded))
             with self._stats_lock:
                 self._held.extend(record for record, _ in encoded)
             return

@@ -164,10 +164,10 @@ class Metrics:
             registry=reg, multiprocess_mode="livesum",
         )  # fmt: skip
         self.log_records = Counter(
-            "apprentice_log_records", "Inference-log records by outcome (written, spooled, replayed, dropped)",
-            ["outcome"], registry=reg,
+            "apprentice_log_records", "Inference-log records by outcome (written, spooled, replayed, dropped, "
+            "rejected, unspooled; write_errors counts failed store attempts)", ["outcome"], registry=reg,
         )  # fmt: skip
-        for outcome in ("written", "spooled", "replayed", "dropped"):
+        for outcome in ("written", "spooled", "replayed", "dropped", "rejected", "unspooled", "write_errors"):
             self.log_records.labels(outcome=outcome)
 
     def child(self, metric: M, *values: str) -> M:

@@ -516,3 +516,48 @@ def test_the_spool_is_read_back_in_chunks_bounded_by_size_as_well_as_count(tmp_p
     assert sizes == [4, 4, 2]  # about 300 kB a line: a chunk ends once it passes 1 MB
     assert [r.id for chunk in spool.read(segment, 3) for r in chunk] == [r.id for r in big]
     spool.close()
+
+
+async def test_the_writer_reports_its_queue_depth_as_it_takes_and_finishes_batches(tmp_path):
+    """Each worker's apprentice_log_queue_depth follows its own queue, not only when a scrape reaches it."""
+    store = LogStore(f"sqlite:///{tmp_path}/log.db")
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", batch_size=4, **FAST)
+    depths: list[int] = []
+    writer.on_depth = depths.append
+    await writer.start()
+    for i in range(10):  # queued before the writer task runs
+        writer.submit(make_record(i))
+    await wait_until(lambda: writer.stats.written == 10, what="the ten records")
+    await wait_until(lambda: bool(depths) and depths[-1] == 0, what="the depth after the last batch")
+    await writer.aclose()
+    assert depths[0] == 6  # the first batch of four taken, six waiting
+    assert max(depths) <= 6
+    store.close()
+
+
+async def test_records_neither_the_store_nor_a_full_disk_can_take_are_counted_while_held(tmp_path):
+    """Held in memory, they are lost if the process dies: `unspooled` rises at every attempt so an alert sees
+    the state for as long as it lasts; once the store is back, nothing is lost."""
+    db = tmp_path / "log.db"
+    store = LogStore(f"sqlite:///{db}", busy_timeout_ms=50)
+    counted: list[tuple[str, int]] = []
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", on_count=lambda name, n: counted.append((name, n)), **FAST)
+    await writer.start()
+    await wait_until(lambda: not writer._pending(), what="the first round")
+    real_append = writer._spool.append
+
+    def disk_full(lines, *, fsync):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._spool.append = disk_full
+    records = [make_record(i) for i in range(3)]
+    with SqliteLock(db):
+        for record in records:
+            writer.submit(record)
+        await wait_until(lambda: writer.stats.unspooled >= 6, what="held records counted at each attempt")
+    writer._spool.append = real_append
+    await wait_until(lambda: store.count() == 3, what="the held records stored")
+    await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in records)
+    assert writer.stats.dropped == 0 and ("unspooled", 3) in counted
+    store.close()
