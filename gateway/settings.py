@@ -192,6 +192,9 @@ class TaskConfig(_Strict):
 class RegistryConfig(_Strict):
     path: Path = Path(".apprentice/registry")
     poll_interval_s: float = Field(default=2.0, gt=0)
+    # Distill keeps this many versions per task after each run (`router_models.registry.prune`: the newest,
+    # plus the current one and as many rollback steps); None keeps every version. A version is tens of MB.
+    keep_versions: Count | None = Field(default=None, ge=1)
 
 
 class LogConfig(_Strict):

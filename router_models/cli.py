@@ -212,6 +212,37 @@ def registry_promote(
     typer.echo(f"{task}: current is now {version} (was {previous})")
 
 
+@registry_app.command("prune")
+def registry_prune(
+    task: Annotated[str, typer.Option(help="The task.")],
+    keep: Annotated[
+        int | None,
+        typer.Option(min=1, help="Versions to keep (default: registry.keep_versions in the config)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete old versions: all but the KEEP newest, the current one and the KEEP it can roll back to."""
+    from router_models.registry import RegistryError, prune
+
+    settings = _settings(config)
+    _task(settings, task)
+    keep = keep if keep is not None else settings.registry.keep_versions
+    if keep is None:
+        _fail("give --keep N, or set registry.keep_versions in the config")
+        return
+    try:
+        removed = prune(settings.registry.path, task, keep, dry_run=dry_run)
+    except RegistryError as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(_os_error(exc))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{task}: {verb} {len(removed)} version(s){': ' + ' '.join(removed) if removed else ''}")
+
+
 @registry_app.command("rollback")
 def registry_rollback(
     task: Annotated[str, typer.Option(help="The task.")],

@@ -40,6 +40,7 @@ from router_models.registry import (
     RegistryError,
     current_version,
     promote,
+    prune,
     remove_stale_temporaries,
     task_dir,
     task_lock,
@@ -404,6 +405,12 @@ def run_distill(
         }  # fmt: skip
         with steps.step("write version"):
             outcome = _write(registry_dir, task, manifest, onnx_bytes, extra_files, report, promoted, dry_run)
+            keep = settings.registry.keep_versions
+            if keep is not None and not dry_run:
+                try:
+                    prune(registry_dir, task, keep, lock=False)  # this run holds the task's lock
+                except (RegistryError, OSError) as exc:  # the version is written and promoted: only warn
+                    log.warning("distill %s: pruning old versions failed: %s", task, exc)
     return outcome
 
 

@@ -325,6 +325,33 @@ def list_versions(registry_dir: Path, task: str, *, include_unreadable: bool = F
     return out
 
 
+def prune(registry_dir: Path, task: str, keep: int, *, lock: bool = True, dry_run: bool = False) -> list[str]:
+    """Delete the task's versions beyond the `keep` newest, never the current one nor the last `keep` steps
+    `rollback` can walk back to; returns the names removed (or that would be, with `dry_run`), oldest first.
+    Dry-run reports beyond the `keep` newest go too. Each directory is renamed to a hidden temporary name
+    before it is deleted, so a crash mid-way leaves nothing that looks like a version (the next distill
+    removes the rest)."""
+    if keep < 1:
+        raise RegistryError(f"keep must be at least 1, not {keep}")
+    directory = task_dir(registry_dir, task)
+    with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
+        names = [v.version for v in list_versions(registry_dir, task, include_unreadable=True)]
+        stack = _promotion_stack(registry_dir, task)
+        protected = set(names[-keep:]) | set(stack[-(keep + 1) :]) | {current_version(registry_dir, task)}
+        doomed = [name for name in names if name not in protected]
+        dry_runs = directory / "dry-runs"
+        old_reports = sorted(p for p in dry_runs.iterdir() if p.is_dir())[:-keep] if dry_runs.is_dir() else []
+        if dry_run:
+            return doomed
+        for path in [directory / VERSIONS / name for name in doomed] + old_reports:
+            hidden = path.parent / f".tmp-prune-{path.name}-{os.getpid()}"
+            os.rename(path, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+        if doomed:
+            log.info("registry %s: pruned %d version(s) of %s, kept %d", registry_dir, len(doomed), task, keep)
+        return doomed
+
+
 def remove_stale_temporaries(registry_dir: Path, task: str, older_than_s: float = 3600.0) -> int:
     """Delete temporary version directories left by crashed writers; returns how many were removed."""
     versions = task_dir(registry_dir, task) / VERSIONS

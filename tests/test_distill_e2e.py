@@ -147,6 +147,22 @@ def test_distill_scores_a_current_version_by_the_output_names_its_manifest_decla
     assert (probs == expected_probs).all() and (ood == expected_ood).all()
 
 
+def test_distill_prunes_old_versions_when_the_config_says_how_many_to_keep(tmp_path, slice_records):
+    labels, records = slice_records
+    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
+    store.migrate()
+    store.insert_many(records)
+    store.close()
+    settings = _settings(tmp_path, labels)
+    settings.registry.keep_versions = 1
+    outcomes = [run_distill(settings, TASK, since_s=None, dry_run=False, progress=False) for _ in range(3)]
+    left = {v.version for v in list_versions(settings.registry.path, TASK)}
+    # Kept: the newest version, the current one and the one step rollback can take back from it.
+    promoted = [o.version for o in outcomes if o.promoted]
+    assert promoted and current_version(settings.registry.path, TASK) == promoted[-1]
+    assert left == {outcomes[-1].version, *promoted[-2:]}
+
+
 def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
     settings, first = promoted
     before = {v.version for v in list_versions(settings.registry.path, TASK)}

@@ -24,6 +24,7 @@ from router_models.registry import (
     current_version,
     list_versions,
     promote,
+    prune,
     rollback,
     task_lock,
     version_name,
@@ -319,3 +320,47 @@ def test_registry_list_shows_a_version_it_cannot_read_and_a_current_that_names_n
     assert second.startswith(f"* {v2}  unreadable manifest: ")  # the current version, and why it is broken
     (tmp_path / TASK / "current").write_text("20990101T000000Z-gone00\n")
     assert listed()[-1] == "! current names '20990101T000000Z-gone00', which is not a version here: gateways refuse it"
+
+
+def test_prune_keeps_the_newest_the_current_and_what_rollback_can_reach(tmp_path):
+    names = [_version(tmp_path, n) for n in range(1, 9)]  # eight versions, oldest first
+    for name in (names[0], names[2], names[4]):
+        promote(tmp_path, TASK, name)  # promoted in turn: the third is current, two rollback steps behind it
+    dry = tmp_path / TASK / "dry-runs"
+    for name in names[:4]:
+        (dry / name).mkdir(parents=True)
+    # keep=2: the two newest, the current one and the two versions rollback walks back to stay.
+    doomed = [names[1], names[3], names[5]]
+    assert prune(tmp_path, TASK, 2, dry_run=True) == doomed
+    assert len(list_versions(tmp_path, TASK)) == 8  # a dry run deletes nothing
+    assert prune(tmp_path, TASK, 2) == doomed
+    assert [v.version for v in list_versions(tmp_path, TASK)] == [names[i] for i in (0, 2, 4, 6, 7)]
+    assert sorted(p.name for p in dry.iterdir()) == names[2:4]  # the two newest dry-run reports
+    assert not any(p.name.startswith(".") for p in (tmp_path / TASK / "versions").iterdir())
+    assert current_version(tmp_path, TASK) == names[4]
+    assert rollback(tmp_path, TASK) == names[2] and rollback(tmp_path, TASK) == names[0]
+    with pytest.raises(RegistryError, match="at least 1"):
+        prune(tmp_path, TASK, 0)
+
+
+def test_the_prune_command_takes_keep_from_the_flag_or_the_config(tmp_path):
+    from task_stack import INTENTS
+
+    names = [_version(tmp_path, n) for n in range(1, 5)]
+    promote(tmp_path, TASK, names[-1])
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1"}
+
+    def cli(registry: dict, *args: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "apprentice.yaml"
+        config.write_text(yaml.safe_dump({"tasks": {TASK: {"teacher": "gpt-4o", "labels": INTENTS}},
+                                          "registry": {"path": str(tmp_path), **registry}}))  # fmt: skip
+        command = [sys.executable, "-m", "router_models.cli", "registry", "prune", "--task", TASK, *args]
+        return subprocess.run([*command, "--config", str(config)], capture_output=True, text=True, env=env, cwd=REPO)
+
+    refused = cli({})
+    assert refused.returncode == 2 and "--keep N, or set registry.keep_versions" in refused.stderr
+    dry = cli({}, "--keep", "2", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.strip() == f"{TASK}: would delete 2 version(s): {names[0]} {names[1]}"
+    done = cli({"keep_versions": 3})
+    assert done.returncode == 0 and done.stdout.strip() == f"{TASK}: deleted 1 version(s): {names[0]}"
+    assert [v.version for v in list_versions(tmp_path, TASK)] == names[1:]
