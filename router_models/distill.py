@@ -37,6 +37,8 @@ from router_models.export import ODD_TEXTS, OnnxSpecialist, ParityError, check_p
 from router_models.minilm import MiniLMNotInstalledError
 from router_models.onnx_head import mix_ood
 from router_models.registry import (
+    DISTILL_LOCK,
+    LOCK,
     RegistryError,
     current_version,
     promote,
@@ -248,9 +250,18 @@ def fit_specialist(
     return Fitted(split, train, model, temperature, router, tau_result)
 
 
+# How long the write step waits for a promote, rollback or prune that holds the registry's lock (seconds):
+# they take a moment, and the run behind the write may have trained for an hour.
+REGISTRY_LOCK_WAIT_S = 120.0
+
+
 @contextmanager
-def _maybe_lock(registry_dir: Path, task: str, dry_run: bool) -> Iterator[None]:
-    context: AbstractContextManager[None] = nullcontext() if dry_run else task_lock(registry_dir, task)
+def _maybe_lock(registry_dir: Path, task: str, dry_run: bool, *, name: str, wait_s: float = 0.0) -> Iterator[None]:
+    """The task's lock `name` (one distill run at a time; the registry while it changes), none for a dry run;
+    a lock held elsewhere is a DistillError."""
+    context: AbstractContextManager[None] = (
+        nullcontext() if dry_run else task_lock(registry_dir, task, name=name, wait_s=wait_s)
+    )
     try:
         with context:
             yield
@@ -292,7 +303,9 @@ def run_distill(
     target = task_cfg.target_agreement
     registry_dir = Path(settings.registry.path)
     since = window_start(since_s)
-    with _maybe_lock(registry_dir, task, dry_run), Steps(enabled=progress) as steps:
+    # The distill lock for the whole run; the registry's own lock only while this run writes and promotes, so
+    # that an operator's rollback is never kept waiting for a training run.
+    with _maybe_lock(registry_dir, task, dry_run, name=DISTILL_LOCK), Steps(enabled=progress) as steps:
         if not dry_run:
             remove_stale_temporaries(registry_dir, task)  # left by a run that crashed mid-write
         with steps.step("read log"):
@@ -403,12 +416,23 @@ def run_distill(
             "metrics": metrics, "parity_max_abs_diff": parity, "parity_inputs": len(sample),
             "timings_s": steps.timings,
         }  # fmt: skip
-        with steps.step("write version"):
+        lock = _maybe_lock(registry_dir, task, dry_run, name=LOCK, wait_s=REGISTRY_LOCK_WAIT_S)
+        with steps.step("write version"), lock:
+            now = None if dry_run else current_version(registry_dir, task)
+            if promoted and not dry_run and now != cur_version:
+                # A promote or rollback moved `current` while this run trained: the gate compared with a version
+                # that no longer serves, and the operator's choice stands.
+                promoted = False
+                reason = (
+                    f"{reason}; not promoted: current moved from {cur_version} to {now} during this run "
+                    f"(promote {version} by hand if it should serve)"
+                )
+                report.update(promoted=False, reason=reason)
             outcome = _write(registry_dir, task, manifest, onnx_bytes, extra_files, report, promoted, dry_run)
             keep = settings.registry.keep_versions
             if keep is not None and not dry_run:
                 try:
-                    prune(registry_dir, task, keep, lock=False)  # this run holds the task's lock
+                    prune(registry_dir, task, keep, lock=False)  # this run holds the registry's lock
                 except (RegistryError, OSError) as exc:  # the version is written and promoted: only warn
                     log.warning("distill %s: pruning old versions failed: %s", task, exc)
     return outcome

@@ -4,7 +4,9 @@ Layout (the contract with `gateway.registry`, which only reads):
     <registry>/<task>/versions/<version>/model.onnx, manifest.json, report.*, (tokenizer.json)
     <registry>/<task>/current         the version name; replaced with a temp file + os.replace
     <registry>/<task>/history.jsonl   {time, version, previous, action} per promotion or rollback
-    <registry>/<task>/.lock           fcntl lock held by a distill run, a promote or a rollback
+    <registry>/<task>/.lock           fcntl lock held while the registry changes (write, promote, rollback, prune)
+    <registry>/<task>/.distill.lock   fcntl lock held by a distill run from start to end: one run at a time,
+                                      while promote and rollback stay free during its hours of training
 
 A version directory is assembled under a hidden temporary name and renamed into place, so `versions/`
 never shows a half-written version, and `current` is only ever pointed at a directory whose model.onnx
@@ -36,6 +38,7 @@ from gateway.manifest import Manifest
 CURRENT = "current"
 HISTORY = "history.jsonl"
 LOCK = ".lock"
+DISTILL_LOCK = ".distill.lock"
 VERSIONS = "versions"
 log = logging.getLogger("apprentice.registry")
 
@@ -91,21 +94,28 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def task_lock(registry_dir: Path, task: str) -> Iterator[None]:
-    """Hold <registry>/<task>/.lock exclusively; fail at once (no waiting) if another process holds it."""
+def task_lock(registry_dir: Path, task: str, *, name: str = LOCK, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold <registry>/<task>/`name` exclusively (LOCK: the registry changes; DISTILL_LOCK: a distill run);
+    if another process holds it, wait up to `wait_s` seconds, then fail."""
     directory = task_dir(registry_dir, task)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK
+    path = directory / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            raise RegistryLockedError(
-                f"task {task!r} is locked by another run ({holder}); lock file {path}. "
-                "Wait for it to finish; the lock is released automatically when that process exits."
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+                raise RegistryLockedError(
+                    f"task {task!r} is locked by another run ({holder}); lock file {path}. "
+                    "Wait for it to finish; the lock is released automatically when that process exits."
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}".encode(), 0)
         yield

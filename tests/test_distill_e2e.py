@@ -17,7 +17,7 @@ from gateway.settings import LogConfig, RegistryConfig, Settings, TaskConfig
 from gateway.specialist import Specialist
 from router_models.distill import DistillConfig, DistillError, run_distill
 from router_models.distill_data import time_split, to_examples
-from router_models.registry import current_version, list_versions, task_lock
+from router_models.registry import DISTILL_LOCK, current_version, list_versions, promote, rollback, task_lock
 from router_models.synthetic import synthetic_records
 
 CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
@@ -176,8 +176,45 @@ def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
 
 def test_a_second_run_fails_fast_while_the_lock_is_held(promoted):
     settings, _ = promoted
-    with task_lock(settings.registry.path, TASK), pytest.raises(DistillError, match="locked by another run"):
+    held = task_lock(settings.registry.path, TASK, name=DISTILL_LOCK)
+    with held, pytest.raises(DistillError, match="locked by another run"):
         run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+
+
+def test_a_rollback_is_never_kept_waiting_by_a_distill_run_and_its_choice_stands(tmp_path, slice_records, monkeypatch):
+    """A distill run holds its own lock while it trains, not the registry's: an operator can roll back
+    meanwhile, and the run then writes its version without promoting it over the operator's choice."""
+    import router_models.distill as distill_module
+
+    labels, records = slice_records
+    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
+    store.migrate()
+    store.insert_many(records)
+    store.close()
+    settings = _settings(tmp_path, labels)
+    registry = settings.registry.path
+    first = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    second = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    assert first.promoted and second.promoted  # the same data: not worse, so promoted
+    with task_lock(registry, TASK, name=DISTILL_LOCK):  # a run in progress
+        assert rollback(registry, TASK) == first.version
+        promote(registry, TASK, second.version)
+    real = distill_module._current_holdout
+    moved: dict[str, str] = {}
+
+    def roll_back_after_the_gate_looked(*args, **kwargs):
+        result = real(*args, **kwargs)
+        moved["to"] = rollback(registry, TASK)  # the operator's rollback, while the run goes on
+        return result
+
+    monkeypatch.setattr(distill_module, "_current_holdout", roll_back_after_the_gate_looked)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    assert moved["to"] == first.version
+    assert not outcome.promoted and "not promoted: current moved from" in outcome.reason
+    assert current_version(registry, TASK) == first.version
+    assert outcome.version in {v.version for v in list_versions(registry, TASK)}  # written, for a manual promote
+    report = json.loads((outcome.report_dir / "report.json").read_text())
+    assert report["promoted"] is False and "current moved" in report["reason"]
 
 
 def test_records_can_be_passed_directly_and_the_window_applies(tmp_path, slice_records):
