@@ -28,7 +28,10 @@ class TokenInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["tokens"] = "tokens"
-    tokenizer: str = "tokenizer.json"
+    # A file of the version directory, by its plain name (nothing like "../x"), and its sha256; versions
+    # written before the sha256 was recorded have none, and their tokenizer is not checked.
+    tokenizer: str = Field(default="tokenizer.json", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    tokenizer_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     max_length: int = Field(default=128, ge=8, le=512)
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"

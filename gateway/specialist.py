@@ -191,10 +191,19 @@ def _token_feeds(version_dir: Path, spec: TokenInput, model_inputs: set[str]) ->
     from tokenizers import Tokenizer  # only token-input (MiniLM) students pay for the import
 
     path = version_dir / spec.tokenizer
-    if not path.is_file():
-        raise SpecialistLoadError("missing_file", f"{path} does not exist")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        data = path.read_bytes()  # hashed and parsed from the same bytes: a file swapped between is caught
+    except FileNotFoundError as exc:
+        raise SpecialistLoadError("missing_file", f"{path} does not exist") from exc
+    except OSError as exc:
+        raise SpecialistLoadError("missing_file", f"cannot read {path}: {exc}") from exc
+    if spec.tokenizer_sha256 is not None and hashlib.sha256(data).hexdigest() != spec.tokenizer_sha256:
+        raise SpecialistLoadError(
+            "sha_mismatch", f"{spec.tokenizer} has sha256 {hashlib.sha256(data).hexdigest()}, "
+            f"manifest says {spec.tokenizer_sha256}",
+        )  # fmt: skip
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # the tokenizers binding raises a bare Exception on a bad file
         raise SpecialistLoadError("corrupt", f"cannot load tokenizer {spec.tokenizer}: {exc}") from exc
     # Configured once here: truncation is tokenizer state, and a single input needs no padding.

@@ -7,6 +7,7 @@ and the version directory carries the tokenizer.json the encoder was trained wit
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,11 @@ def minilm_to_onnx(student: MiniLMStudent) -> tuple[bytes, TokenInput, dict[str,
     )
     model.doc_string = f"apprentice MiniLM specialist ({len(student.labels)} labels)"
     inputs = {i.name for i in graph.input}
+    tokenizer = minilm_tokenizer_path()
     spec = TokenInput(
         max_length=student._encoder().max_length,
         token_type_ids="token_type_ids" if "token_type_ids" in inputs else None,
+        tokenizer_sha256=hashlib.sha256(tokenizer.read_bytes()).hexdigest(),
     )
     data: bytes = model.SerializeToString()
-    return data, spec, {"tokenizer.json": minilm_tokenizer_path()}
+    return data, spec, {"tokenizer.json": tokenizer}

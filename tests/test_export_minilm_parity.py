@@ -80,3 +80,37 @@ def test_the_gateway_loads_and_runs_the_minilm_version(fitted, tmp_path):
         decision = specialist.decide(text, top_k=0)
         assert decision.label == labels[int(row.argmax())]
         assert decision.probability == pytest.approx(row.max(), abs=1e-4)
+
+
+def test_the_gateway_refuses_a_tokenizer_that_is_not_the_one_the_manifest_names(fitted, tmp_path):
+    """The tokenizer turns text into the ids the graph reads: its sha256 is checked like the model's, and
+    the manifest may only name a file of the version directory."""
+    import shutil
+
+    from gateway.manifest import RouterSpec
+    from gateway.specialist import SpecialistLoadError
+
+    _, model, spec, extra, labels, _ = fitted
+    assert spec.tokenizer_sha256 == hashlib.sha256(extra["tokenizer.json"].read_bytes()).hexdigest()
+    sha = hashlib.sha256(model).hexdigest()
+    manifest = make_manifest(
+        task="intent", version=version_name(sha), student="minilm", labels=labels, input_spec=spec,
+        temperature=1.0, router=RouterSpec(features=["max_prob"], weights=[10.0], bias=-5.0, ood_threshold=2.0),
+        tau=0.5, target_agreement=0.97, model_sha256=sha,
+    )  # fmt: skip
+    vdir = write_version(tmp_path, "intent", {"model.onnx": model, **extra}, manifest)
+    tokenizer = vdir / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(original.replace(b'"[UNK]"', b'"[UNKNOWN]"', 1))  # still a valid tokenizer
+    with pytest.raises(SpecialistLoadError) as caught:
+        Specialist.load(vdir, task="intent", labels=labels)
+    assert caught.value.reason == "sha_mismatch"
+    tokenizer.write_bytes(original)
+    outside = tmp_path / "other" / vdir.name
+    shutil.copytree(vdir, outside)
+    data = json.loads((outside / "manifest.json").read_text())
+    data["input"]["tokenizer"] = "../tokenizer.json"
+    (outside / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SpecialistLoadError) as caught:
+        Specialist.load(outside, task="intent", labels=labels)
+    assert caught.value.reason == "bad_manifest" and "input.tokens.tokenizer" in caught.value.detail
