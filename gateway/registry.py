@@ -18,13 +18,17 @@ finishes on it whatever happens meanwhile. Loading (file reads, hashing, onnxrun
 in a worker thread, never on the event loop.
 
 A refused version (see gateway.specialist.REFUSAL_REASONS) is logged on logger "apprentice.registry", counted,
-reported to `on_load`, and the previous version keeps serving. It is not retried until the pointer file
-changes (new inode, mtime or size) or an admin reload asks: a broken artifact costs one attempt, not one per
-poll. A `current` that disappears keeps the loaded version serving (a shared volume may blink); to take a
-specialist out of service, point `current` at another version.
+reported to `on_load`, and the previous version keeps serving. A broken artifact is not retried until the
+pointer file changes (new inode, mtime or size) or an admin reload asks: it costs one attempt, not one per
+poll. A refusal that may pass by itself is tried again, pointer unchanged, after a delay that doubles from
+the poll interval up to RETRY_MAX_S: a version that is not there yet (`missing_file`: a synced registry may
+copy `current` before the version), or a pointer that cannot be read just now (`bad_pointer` from an OS error);
+such repeats are logged and counted once. A `current` that disappears keeps the loaded version serving (a
+shared volume may blink); to take a specialist out of service, point `current` at another version.
 
-`on_load(result)` is called from the loading thread for every attempt (outcome "loaded" or "refused");
-`result.result` is the metric label: "loaded" or the refusal reason.
+`on_load(result)` is called from the loading thread for every load and every new refusal, and when a refusal
+ends without a load (the pointer moved back to the serving version, or went away: outcomes "unchanged",
+"no_pointer"); `result.result` is the metric label: "loaded" or the refusal reason.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +62,15 @@ Outcome = Literal["loaded", "unchanged", "refused", "no_pointer"]
 # What identifies one state of the pointer file: os.replace gives a new inode even within one mtime tick.
 _PointerStamp = tuple[int, int, int]
 _UNREADABLE: _PointerStamp = (-1, -1, -1)  # the stamp of a pointer that could not be stat'ed
+# The longest wait between two tries of a refusal that may pass by itself (a version not there yet).
+RETRY_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Retry:
+    stamp: _PointerStamp  # the pointer's state when it was refused
+    due: float  # time.monotonic() of the next try
+    delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +114,8 @@ class RegistryReader:
         self._current: dict[str, Specialist] = {}
         # Last pointer state acted on per task; a poll that sees the same stamp does nothing.
         self._stamps: dict[str, _PointerStamp | None] = {}
-        # Tasks checked again at the next poll even if the pointer is unchanged, with the pointer's stamp then.
-        self._retry: dict[str, _PointerStamp | None] = {}
+        # Tasks to check again, pointer unchanged or not, once due: a refusal that may pass by itself.
+        self._retry: dict[str, _Retry] = {}
         self._last: dict[str, ReloadResult] = {}
         # Per task, so the poller and an admin reload never load the same task twice at once.
         self._locks = {task: threading.Lock() for task in tasks}
@@ -159,16 +173,19 @@ class RegistryReader:
             pointer = self.task_dir(task) / POINTER_FILE
             serving = self._current.get(task)
             previous = serving.version if serving is not None else None
-            retried = self._retry.pop(task, None)
+            retry = self._retry.get(task)
             try:
                 stamp = _stamp(pointer)
-            except OSError as exc:  # the task directory cannot be read (permissions, a stale mount): retried
-                self._stamps.pop(task, None)
-                self._retry[task] = _UNREADABLE
+            except OSError as exc:  # the task directory cannot be read (permissions, a stale mount)
+                stamp = _UNREADABLE
                 why = f"cannot read {pointer}: {exc.strerror or exc}"
-                quiet = not force and retried == _UNREADABLE
-                return self._refused(task, None, previous, SpecialistLoadError("bad_pointer", why), quiet=quiet)
-            if not force and task in self._stamps and stamp == self._stamps[task]:
+            # A pending retry waits until due, unless the pointer has moved since (then it is read at once).
+            if not force and retry is not None and retry.stamp == stamp and time.monotonic() < retry.due:
+                return None
+            self._retry.pop(task, None)
+            if stamp == _UNREADABLE:
+                return self._refused_for_now(task, _UNREADABLE, retry, force, previous, "bad_pointer", why)
+            if not force and retry is None and task in self._stamps and stamp == self._stamps[task]:
                 return None
             self._stamps[task] = stamp
             if stamp is None:
@@ -179,20 +196,45 @@ class RegistryReader:
                 # replaced or removed between stat and read: the next poll sees the new stamp
                 self._stamps.pop(task, None)
                 return ReloadResult(task, "unchanged", None, previous, previous)
-            except (OSError, UnicodeDecodeError) as exc:
+            except OSError as exc:  # a stale NFS handle, an I/O error: tried again
+                why = f"cannot read {pointer}: {exc.strerror or exc}"
+                return self._refused_for_now(task, stamp, retry, force, previous, "bad_pointer", why)
+            except UnicodeDecodeError as exc:
                 return self._refused(task, None, previous, SpecialistLoadError("bad_pointer", str(exc)))
             if serving is not None and version == serving.version:
                 unchanged = ReloadResult(task, "unchanged", version, previous, previous)
                 # Pointed back at the serving version after a refusal: reported, so the refusal is over.
                 refused = (last := self._last.get(task)) is not None and last.outcome == "refused"
                 return self._report(unchanged) if refused else unchanged
-            result = self._load(task, version, previous, quiet=not force and retried == stamp)
+            quiet = not force and retry is not None and retry.stamp == stamp
+            result = self._load(task, version, previous, quiet=quiet)
             if result.reason == "missing_file":
-                # Tried again at every poll: a synced registry (rsync, an object-store sync) may copy `current`
-                # before the version's directory, and the pointer will not change again when it arrives.
-                self._stamps.pop(task, None)
-                self._retry[task] = stamp
+                # Tried again: a synced registry (rsync, an object-store sync) may copy `current` before the
+                # version's directory, and the pointer will not change again when it arrives.
+                self._schedule_retry(task, stamp, retry)
             return result
+
+    def _refused_for_now(
+        self,
+        task: str,
+        stamp: _PointerStamp,
+        retry: _Retry | None,
+        force: bool,
+        previous: str | None,
+        reason: RefusalReason,
+        why: str,
+    ) -> ReloadResult:
+        """A refusal that may pass by itself (the pointer cannot be read just now): tried again later."""
+        quiet = not force and retry is not None and retry.stamp == stamp
+        self._schedule_retry(task, stamp, retry)
+        return self._refused(task, None, previous, SpecialistLoadError(reason, why), quiet=quiet)
+
+    def _schedule_retry(self, task: str, stamp: _PointerStamp, retry: _Retry | None) -> None:
+        """Check `task` again after a delay that doubles from the poll interval to RETRY_MAX_S while the same
+        pointer keeps failing: a load is hashing and an onnxruntime session, not a stat."""
+        delay = self.poll_interval_s if retry is None or retry.stamp != stamp else retry.delay * 2
+        delay = min(delay, max(RETRY_MAX_S, self.poll_interval_s))
+        self._retry[task] = _Retry(stamp, time.monotonic() + delay, delay)
 
     def _no_pointer(self, task: str, previous: str | None) -> ReloadResult:
         result = ReloadResult(task, "no_pointer", None, previous, previous)

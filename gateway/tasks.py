@@ -118,8 +118,8 @@ class TaskService:
         )
         for name, cfg in settings.tasks.items():
             self.metrics.target_agreement.labels(task=name).set(cfg.target_agreement)
-            # Every series at 0 from the start: a refusal must be an increase for the alert rule to see it, and
-            # a refused version is not retried, so its counter would otherwise appear at 1 and stay there.
+            # Every series at 0 from the start: a refusal must be an increase for the dashboard to see it, and a
+            # refusal is counted once per pointer, so its counter would otherwise appear at 1 and stay there.
             for result in ("loaded", *REFUSAL_REASONS):
                 self.metrics.registry_loads.labels(task=name, result=result)
             self.metrics.registry_refused.labels(task=name).set(0)

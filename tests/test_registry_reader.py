@@ -207,30 +207,52 @@ def test_a_version_that_arrives_after_its_pointer_is_loaded_when_it_does(
     registry: Path, v1: str, v2: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A synced registry may copy `current` before the version directory; the pointer then never changes
-    again, so the reader keeps trying, and reports the refusal once, not at every poll."""
+    again, so the reader tries again, less often each time, and reports the refusal once."""
     events: list[ReloadResult] = []
-    reader = make_reader(registry, events)
+    reader = make_reader(registry, events, interval=0.2)
     reader.poll()
     parked = registry / "parked"
     (registry / TASK / "versions" / v2).rename(parked)
     point(registry, v2)
     with caplog.at_level(logging.WARNING, logger="apprentice.registry"):
-        for _ in range(3):
+        (result,) = reader.poll()
+        assert (result.outcome, result.reason) == ("refused", "missing_file")
+        for delay in (0.2, 0.4, 0.8):  # the wait doubles from the poll interval
+            assert reader.poll() == [], "tried again before the delay"
+            time.sleep(delay + 0.02)
             (result,) = reader.poll()
             assert (result.outcome, result.reason) == ("refused", "missing_file")
     assert reader.load_failures[(TASK, "missing_file")] == 1
     assert [e.outcome for e in events] == ["loaded", "refused"]
     assert sum("refused" in m for m in caplog.messages) == 1
     parked.rename(registry / TASK / "versions" / v2)
+    time.sleep(1.7)
     (result,) = reader.poll()
     assert (result.outcome, result.version) == ("loaded", v2)
     assert reader.get(TASK).version == v2  # type: ignore[union-attr]
 
 
-def test_a_task_directory_that_cannot_be_read_is_a_refusal_not_a_traceback(
-    registry: Path, v1: str, caplog: pytest.LogCaptureFixture
+def test_a_pointer_moved_while_a_retry_waits_is_read_at_the_next_poll(registry: Path, v1: str) -> None:
+    """Back at the serving version after a refusal: reported as "unchanged" (the refusal is over, the
+    gateway's refused gauge drops), without waiting for the retry; then a pointer that goes is reported."""
+    events: list[ReloadResult] = []
+    reader = make_reader(registry, events, interval=30.0)
+    reader.poll()
+    point(registry, "20990101T000000Z-abcdef")
+    assert [r.reason for r in reader.poll()] == ["missing_file"]
+    point(registry, v1)
+    (result,) = reader.poll()
+    assert (result.outcome, result.version, result.serving) == ("unchanged", v1, v1)
+    (registry / TASK / "current").unlink()
+    assert [r.outcome for r in reader.poll()] == ["no_pointer"]
+    assert [e.outcome for e in events] == ["loaded", "refused", "unchanged", "no_pointer"]
+    assert reader.get(TASK).version == v1  # type: ignore[union-attr]
+
+
+def test_a_task_directory_or_pointer_that_cannot_be_read_is_a_refusal_tried_again(
+    registry: Path, v1: str, v2: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader = make_reader(registry)
+    reader = make_reader(registry, interval=0.05)
     reader.poll()
     (registry / TASK).rename(registry / "moved")
     (registry / TASK).write_text("a file where the task's directory was")
@@ -239,13 +261,25 @@ def test_a_task_directory_that_cannot_be_read_is_a_refusal_not_a_traceback(
             (result,) = reader.poll()
             assert (result.outcome, result.reason) == ("refused", "bad_pointer")
             assert "cannot read" in result.detail
+            time.sleep(0.5)
     assert not any(record.exc_info for record in caplog.records)
     assert reader.load_failures[(TASK, "bad_pointer")] == 1
     assert reader.get(TASK).version == v1  # type: ignore[union-attr]
     (registry / TASK).unlink()
     (registry / "moved").rename(registry / TASK)
+    time.sleep(0.5)
     (result,) = reader.poll()
     assert (result.outcome, result.version) == ("unchanged", v1)
+    # A pointer that can be stat'ed but not read (here a directory; on NFS, a stale handle) is tried again too.
+    current = registry / TASK / "current"
+    current.unlink()
+    current.mkdir()
+    (result,) = reader.poll()
+    assert (result.outcome, result.reason) == ("refused", "bad_pointer")
+    current.rmdir()
+    point(registry, v2)
+    (result,) = reader.poll()
+    assert (result.outcome, result.version) == ("loaded", v2)
 
 
 def test_a_vanished_pointer_keeps_the_loaded_version(registry: Path, v1: str) -> None:
