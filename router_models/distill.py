@@ -106,11 +106,15 @@ def _predict(student: Any, examples: list[Example]) -> tuple[np.ndarray, np.ndar
 def _current_holdout(
     registry_dir: Path, task: str, holdout: list[Example], target: float
 ) -> tuple[str | None, dict[str, Any] | None, str | None]:
-    """(current version, its holdout metrics through its own ONNX, or a note why it could not be scored)."""
+    """(current version, its holdout metrics through its own ONNX, or a note why it could not be scored).
+    A current version whose files are gone comes with neither metrics nor note: no gateway serves it."""
     version = current_version(registry_dir, task)
     if version is None:
         return None, None, None
     vdir = task_dir(registry_dir, task) / "versions" / version
+    if not (vdir / "manifest.json").is_file() or not (vdir / "model.onnx").is_file():
+        # Nothing a gateway could load either: compared with as no current version at all.
+        return version, None, None
     try:
         manifest, runner = load_version(vdir)
         probs, ood = runner.predict([e.text for e in holdout])

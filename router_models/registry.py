@@ -236,15 +236,15 @@ def _set_current(registry_dir: Path, task: str, version: str, action: str) -> st
 def _version_dir(registry_dir: Path, task: str, version: str) -> tuple[str, Path]:
     """(the version's plain name, its directory) for a name as an operator may type it: tab completion's
     trailing "/", or "./NAME", finds the same directory, but `current` must hold the plain name, the only
-    form gateways accept. A name that leads out of the task's versions/ is refused."""
+    form gateways accept. A name with a path in it ("../x", "a/b") is refused."""
     versions = task_dir(registry_dir, task) / VERSIONS
-    version_dir = versions / version
+    name = os.path.normpath(version)  # "V/" and "./V" are "V"; read as written, so a symlinked version stays one
+    if os.sep in name or name.startswith("."):
+        raise VersionNotFoundError(f"{version!r} is not a version name of task {task!r} (a directory of {versions})")
+    version_dir = versions / name
     if not version_dir.is_dir():
         raise VersionNotFoundError(f"task {task!r} has no version {version!r} under {versions}")
-    resolved = version_dir.resolve()
-    if resolved.parent != versions.resolve() or resolved.name.startswith("."):
-        raise VersionNotFoundError(f"{version!r} is not a version of task {task!r}: it leads out of {versions}")
-    return resolved.name, versions / resolved.name
+    return name, version_dir
 
 
 def promote(

@@ -163,6 +163,25 @@ def test_distill_prunes_old_versions_when_the_config_says_how_many_to_keep(tmp_p
     assert left == {outcomes[-1].version, *promoted[-2:]}
 
 
+def test_a_current_version_whose_files_are_gone_protects_nothing(tmp_path, slice_records):
+    """No gateway can load a version whose directory is gone: the gate compares with no current version,
+    rather than asking a candidate to stand alone against the target."""
+    import shutil
+
+    labels, records = slice_records
+    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
+    store.migrate()
+    store.insert_many(records)
+    store.close()
+    settings = _settings(tmp_path, labels)
+    first = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    shutil.rmtree(settings.registry.path / TASK / "versions" / first.version)
+    weak = DistillConfig(max_iter=2, max_features=40)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False, config=weak)
+    assert outcome.promoted and outcome.reason.startswith("no current version to compare with")
+    assert current_version(settings.registry.path, TASK) == outcome.version
+
+
 def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
     settings, first = promoted
     before = {v.version for v in list_versions(settings.registry.path, TASK)}

@@ -100,7 +100,7 @@ def test_promote_refuses_missing_or_tampered_versions(tmp_path):
     assert current_version(tmp_path, TASK) is None
 
 
-@pytest.mark.parametrize("typed", ["{v}/", "./{v}", "../versions/{v}"])
+@pytest.mark.parametrize("typed", ["{v}/", "./{v}"])
 def test_a_version_typed_with_a_path_around_it_is_promoted_under_its_plain_name(tmp_path, typed):
     """Tab completion inside versions/ adds "/": `current` still gets the plain name, the only one gateways
     read, and promoting the current version again is still a no-op."""
@@ -114,13 +114,20 @@ def test_a_version_typed_with_a_path_around_it_is_promoted_under_its_plain_name(
     assert rollback(tmp_path, TASK) == v1
 
 
-def test_a_version_name_that_leads_out_of_the_task_is_refused(tmp_path):
+def test_a_version_name_with_a_path_in_it_is_refused_and_a_symlinked_version_is_not(tmp_path):
     v1 = _version(tmp_path, 1)
     other = tmp_path / "other" / TASK / "versions"
     shutil.copytree(tmp_path / TASK / "versions" / v1, other / v1)
-    with pytest.raises(VersionNotFoundError, match="leads out of"):
-        promote(tmp_path, TASK, f"../../other/{TASK}/versions/{v1}")
+    for typed in (f"../../other/{TASK}/versions/{v1}", f"../versions/{v1}", ".."):
+        with pytest.raises(VersionNotFoundError, match="is not a version name"):
+            promote(tmp_path, TASK, typed)
     assert current_version(tmp_path, TASK) is None
+    # A version kept elsewhere and linked into versions/ is a version like any other (gateways load it).
+    store = tmp_path / "store"
+    (tmp_path / TASK / "versions" / v1).rename(store)
+    (tmp_path / TASK / "versions" / v1).symlink_to(store)
+    promote(tmp_path, TASK, v1)
+    assert current_version(tmp_path, TASK) == v1
 
 
 def test_current_never_names_an_incomplete_version(tmp_path):
