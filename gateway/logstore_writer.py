@@ -388,7 +388,16 @@ class LogWriter:
         """Write back held and spooled records (own segments and orphans); raises if the store is down."""
         with self._replay_lock:
             if not self._migrated:
-                self._migrate()
+                try:
+                    self._migrate()
+                except Exception:
+                    # The store is still down: records held in memory go to the spool if its disk has room
+                    # now, and are counted as unspooled again if it still has none.
+                    with self._stats_lock:
+                        held, self._held = self._held, []
+                    if held:
+                        self._spool_records(held, fsync=True)
+                    raise
             with self._stats_lock:
                 held, self._held = self._held, []
             if held:

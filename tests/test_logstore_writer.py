@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy.exc
 
 from gateway.inference_log import InferenceRecord, input_hash
 from gateway.logstore import LogStore, LogWriter
@@ -560,4 +561,37 @@ async def test_records_neither_the_store_nor_a_full_disk_can_take_are_counted_wh
     await writer.aclose()
     assert sorted(stored_ids(store)) == sorted(r.id for r in records)
     assert writer.stats.dropped == 0 and ("unspooled", 3) in counted
+    store.close()
+
+
+async def test_records_held_while_the_store_was_never_reached_keep_being_counted(tmp_path):
+    """The store down from the start (its schema never created): every replay round fails before it reaches
+    the store, and still offers the held records to the spool, counting them as unspooled again."""
+    db = tmp_path / "log.db"
+    sqlite3.connect(db).close()
+    store = LogStore(f"sqlite:///{db}", busy_timeout_ms=50)
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", **FAST)
+    real_append = writer._spool.append
+
+    def disk_full(lines, *, fsync):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._spool.append = disk_full
+    records = [make_record(i) for i in range(3)]
+    with SqliteLock(db):
+        await writer.start()
+        for record in records:
+            writer.submit(record)
+        await wait_until(lambda: writer.stats.unspooled >= 12, what="the held records counted round after round")
+    writer._spool.append = real_append
+
+    def stored() -> int:
+        try:
+            return store.count()
+        except sqlalchemy.exc.OperationalError:  # the writer has not created the table yet
+            return 0
+
+    await wait_until(lambda: stored() == 3, what="the held records stored")
+    await writer.aclose()
+    assert sorted(stored_ids(store)) == sorted(r.id for r in records) and writer.stats.dropped == 0
     store.close()
