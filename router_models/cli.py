@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
+T = TypeVar("T")
 app = typer.Typer(
     name="apprentice",
     help="A cost/quality model-routing gateway: a distilled specialist answers what it can, the teacher the rest.",
@@ -32,7 +33,7 @@ def _root() -> None:
     """apprentice: an OpenAI-compatible gateway that distills narrow tasks into a cheap specialist."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
@@ -41,6 +42,16 @@ def _os_error(exc: OSError) -> str:
     """One line for a file-system refusal (a read-only registry, a path that is a file, ...)."""
     where = f": {exc.filename}" if exc.filename else ""
     return f"{exc.strerror or exc}{where}"
+
+
+def _or_fail(call: Callable[[], T], refusal: type[Exception]) -> T:
+    """`call()`, with its `refusal` (DistillError, RegistryError) and any OSError as one line and exit code 2."""
+    try:
+        return call()
+    except refusal as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error(exc))
 
 
 @app.command()
@@ -122,15 +133,9 @@ def distill(
         since_s = parse_duration(since) if since else None
     except ValueError as exc:
         _fail(f"--since: {exc}")
-        return
-    try:
-        outcome = run_distill(settings, task, since_s=since_s, dry_run=dry_run, student=student)
-    except DistillError as exc:
-        _fail(str(exc))
-        return
-    except OSError as exc:
-        _fail(_os_error(exc))
-        return
+    outcome = _or_fail(
+        lambda: run_distill(settings, task, since_s=since_s, dry_run=dry_run, student=student), DistillError
+    )
     verdict = "promoted" if outcome.promoted else "not promoted"
     typer.echo(f"{task}: {verdict} ({outcome.reason}); version {outcome.version}; report {outcome.report_dir}")
 
@@ -154,7 +159,6 @@ def registry_list(
         current = current_version(settings.registry.path, task)
     except OSError as exc:
         _fail(_os_error(exc))
-        return
     if not versions:
         typer.echo(f"{task}: no versions under {settings.registry.path / task}")
     for v in versions:
@@ -199,12 +203,8 @@ def registry_promote(
 
     settings = _settings(config)
     _task(settings, task)
-    try:
-        previous = promote(settings.registry.path, task, version, check=_gateway_check(settings, task))
-    except RegistryError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(_os_error(exc))
+    check = _gateway_check(settings, task)
+    previous = _or_fail(lambda: promote(settings.registry.path, task, version, check=check), RegistryError)
     version = Path(version).name  # promote wrote the plain name (tab completion may have added a "/")
     if previous == version:
         typer.echo(f"{task}: {version} is already current; nothing changed")
@@ -230,15 +230,7 @@ def registry_prune(
     keep = keep if keep is not None else settings.registry.keep_versions
     if keep is None:
         _fail("give --keep N, or set registry.keep_versions in the config")
-        return
-    try:
-        removed = prune(settings.registry.path, task, keep, dry_run=dry_run)
-    except RegistryError as exc:
-        _fail(str(exc))
-        return
-    except OSError as exc:
-        _fail(_os_error(exc))
-        return
+    removed = _or_fail(lambda: prune(settings.registry.path, task, keep, dry_run=dry_run), RegistryError)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"{task}: {verb} {len(removed)} version(s){': ' + ' '.join(removed) if removed else ''}")
 
@@ -253,14 +245,8 @@ def registry_rollback(
 
     settings = _settings(config)
     _task(settings, task)
-    try:
-        version = rollback(settings.registry.path, task, check=_gateway_check(settings, task))
-    except RegistryError as exc:
-        _fail(str(exc))
-        return
-    except OSError as exc:
-        _fail(_os_error(exc))
-        return
+    check = _gateway_check(settings, task)
+    version = _or_fail(lambda: rollback(settings.registry.path, task, check=check), RegistryError)
     typer.echo(f"{task}: rolled back; current is now {version}")
 
 
@@ -285,15 +271,12 @@ def log_prune(
         parse_duration(older_than)
     except ValueError as exc:
         _fail(f"--older-than: {exc}")
-        return
     try:
         removed = prune_log(settings.log.url, older_than)
     except (ValueError, OSError) as exc:
         _fail(f"log.url: {exc}")
-        return
     except SQLAlchemyError as exc:
         _fail(f"cannot prune the inference log: {brief(exc)}")
-        return
     typer.echo(f"removed {removed} records older than {older_than}")
 
 

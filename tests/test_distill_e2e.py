@@ -47,15 +47,18 @@ def _settings(root: Path, labels: list[str]) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
-def promoted(tmp_path_factory, slice_records):
-    labels, records = slice_records
-    root = tmp_path_factory.mktemp("distill")
+def _logged(root: Path, labels: list[str], records: list) -> Settings:
+    """Settings for a registry and log under `root`, the log holding `records`."""
     store = LogStore(f"sqlite:///{root / 'inference.db'}")
     store.migrate()
     store.insert_many(records)
     store.close()
-    settings = _settings(root, labels)
+    return _settings(root, labels)
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory, slice_records):
+    settings = _logged(tmp_path_factory.mktemp("distill"), *slice_records)
     outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
     return settings, outcome
 
@@ -148,12 +151,7 @@ def test_distill_scores_a_current_version_by_the_output_names_its_manifest_decla
 
 
 def test_distill_prunes_old_versions_when_the_config_says_how_many_to_keep(tmp_path, slice_records):
-    labels, records = slice_records
-    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
-    store.migrate()
-    store.insert_many(records)
-    store.close()
-    settings = _settings(tmp_path, labels)
+    settings = _logged(tmp_path, *slice_records)
     settings.registry.keep_versions = 1
     outcomes = [run_distill(settings, TASK, since_s=None, dry_run=False, progress=False) for _ in range(3)]
     left = {v.version for v in list_versions(settings.registry.path, TASK)}
@@ -168,12 +166,7 @@ def test_a_current_version_whose_files_are_gone_protects_nothing(tmp_path, slice
     rather than asking a candidate to stand alone against the target."""
     import shutil
 
-    labels, records = slice_records
-    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
-    store.migrate()
-    store.insert_many(records)
-    store.close()
-    settings = _settings(tmp_path, labels)
+    settings = _logged(tmp_path, *slice_records)
     first = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
     shutil.rmtree(settings.registry.path / TASK / "versions" / first.version)
     weak = DistillConfig(max_iter=2, max_features=40)
@@ -205,12 +198,7 @@ def test_a_rollback_is_never_kept_waiting_by_a_distill_run_and_its_choice_stands
     meanwhile, and the run then writes its version without promoting it over the operator's choice."""
     import router_models.distill as distill_module
 
-    labels, records = slice_records
-    store = LogStore(f"sqlite:///{tmp_path / 'inference.db'}")
-    store.migrate()
-    store.insert_many(records)
-    store.close()
-    settings = _settings(tmp_path, labels)
+    settings = _logged(tmp_path, *slice_records)
     registry = settings.registry.path
     first = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
     second = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)

@@ -536,6 +536,11 @@ async def test_the_writer_reports_its_queue_depth_as_it_takes_and_finishes_batch
     store.close()
 
 
+def _disk_full(lines, *, fsync):
+    """A spool append on a full disk."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 async def test_records_neither_the_store_nor_a_full_disk_can_take_are_counted_while_held(tmp_path):
     """Held in memory, they are lost if the process dies: `unspooled` rises at every attempt so an alert sees
     the state for as long as it lasts; once the store is back, nothing is lost."""
@@ -547,10 +552,7 @@ async def test_records_neither_the_store_nor_a_full_disk_can_take_are_counted_wh
     await wait_until(lambda: not writer._pending(), what="the first round")
     real_append = writer._spool.append
 
-    def disk_full(lines, *, fsync):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    writer._spool.append = disk_full
+    writer._spool.append = _disk_full
     records = [make_record(i) for i in range(3)]
     with SqliteLock(db):
         for record in records:
@@ -573,10 +575,7 @@ async def test_records_held_while_the_store_was_never_reached_keep_being_counted
     writer = LogWriter(store, spool_dir=tmp_path / "spool", **FAST)
     real_append = writer._spool.append
 
-    def disk_full(lines, *, fsync):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    writer._spool.append = disk_full
+    writer._spool.append = _disk_full
     records = [make_record(i) for i in range(3)]
     with SqliteLock(db):
         await writer.start()
