@@ -155,9 +155,10 @@ def gate(
     at the target (measured on the CLINC150 flywheel). tau's confidence bound is the guarantee; the gate only
     catches a candidate that is clearly off it.
 
-    `current_unscored`: a current version exists but could not be scored (a version directory gone, a graph
-    this code cannot run). The candidate then stands on its own: promoted only if it serves something at
-    agreement within sampling noise of the target, so a weak night never replaces a good version unseen."""
+    `current_unscored`: a current version exists but could not be scored (a file it cannot read, a graph this
+    code cannot run; a version whose files are gone is no current version). The candidate then stands on its
+    own: promoted only if it serves something at agreement within sampling noise of the target, so a weak night
+    never replaces a good version unseen."""
     n_eff = float(candidate.get("served_effective_n") or candidate.get("served") or 0)
     noise = 2.0 * math.sqrt(target * (1.0 - target) / n_eff) if n_eff > 0 else 0.0
     cand_cov, cand_ag = candidate["coverage"], candidate["agreement_served"]
