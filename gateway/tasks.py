@@ -210,10 +210,15 @@ class TaskService:
                     f"x-apprentice-force-route must be one of {', '.join(FORCE_ROUTES)}, not {force!r}.",
                     param="x-apprentice-force-route",
                 )
+        # OpenAI's own refusals, word for word: the teacher would give them, so the specialist must too.
         if request.stream_options is not None and not request.stream:
-            # OpenAI's own refusal, word for word: the teacher would give it, so the specialist must too.
             raise InvalidRequest(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
+        if request.tool_choice is not None and request.tools is None:
+            raise InvalidRequest(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                param="tool_choice",
             )
         state = self.states[task.name]
         state.requests += 1

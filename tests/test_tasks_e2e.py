@@ -85,18 +85,31 @@ def test_confident_inputs_are_answered_by_the_specialist_without_an_upstream_cal
     assert not any(i.startswith(request_id_prefix("fake-upstream")) for i in ids)
 
 
-def test_stream_options_without_stream_is_refused_as_openai_refuses_it(stack: TaskStack, client: openai.OpenAI) -> None:
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        (
+            {"stream_options": {"include_usage": True}},
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ),
+        (
+            {"tool_choice": "none"},
+            "tool_choice",
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+        ),
+    ],
+)
+def test_a_request_openai_refuses_is_refused_as_openai_refuses_it(
+    stack: TaskStack, client: openai.OpenAI, extra: dict[str, Any], param: str, message: str
+) -> None:
+    """A confident input: the specialist would have answered it, where the teacher says 400."""
     text, _ = stack.confident[0]
     before = stack.teacher_calls()
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="intent", messages=user(text), stream_options={"include_usage": True})
+        client.chat.completions.create(model="intent", messages=user(text), **extra)
     assert caught.value.status_code == 400
-    assert caught.value.body == {
-        "message": "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-        "type": "invalid_request_error",
-        "param": "stream_options",
-        "code": None,
-    }
+    assert caught.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
     assert stack.teacher_calls() == before
 
 
