@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from router_models.registry import (
     current_version,
     promote,
     prune,
+    registry_mark,
     remove_stale_temporaries,
     task_dir,
     task_lock,
@@ -112,7 +114,7 @@ def _current_holdout(
     if version is None:
         return None, None, None
     vdir = task_dir(registry_dir, task) / "versions" / version
-    if not (vdir / "manifest.json").is_file() or not (vdir / "model.onnx").is_file():
+    if not os.path.isfile(vdir / "manifest.json") or not os.path.isfile(vdir / "model.onnx"):  # any OSError: False
         # Nothing a gateway could load either: compared with as no current version at all.
         return version, None, None
     try:
@@ -313,6 +315,9 @@ def run_distill(
     with _maybe_lock(registry_dir, task, dry_run, name=DISTILL_LOCK), Steps(enabled=progress) as steps:
         if not dry_run:
             remove_stale_temporaries(registry_dir, task)  # left by a run that crashed mid-write
+        # What the registry looked like when this run began: a promote or rollback made while it trains (the
+        # history grows, even if it returns to the same version) stands, and this run will not promote.
+        start_mark = None if dry_run else registry_mark(registry_dir, task)
         with steps.step("read log"):
             bad_rows: list[tuple[str, str]] = []
             try:
@@ -423,14 +428,12 @@ def run_distill(
         }  # fmt: skip
         lock = _maybe_lock(registry_dir, task, dry_run, name=LOCK, wait_s=REGISTRY_LOCK_WAIT_S)
         with steps.step("write version"), lock:
-            now = None if dry_run else current_version(registry_dir, task)
-            if promoted and not dry_run and now != cur_version:
-                # A promote or rollback moved `current` while this run trained: the gate compared with a version
-                # that no longer serves, and the operator's choice stands.
+            if promoted and start_mark is not None and (now := registry_mark(registry_dir, task)) != start_mark:
+                # A promote or rollback while this run trained: the operator's choice stands.
                 promoted = False
                 reason = (
-                    f"{reason}; not promoted: current moved from {cur_version} to {now} during this run "
-                    f"(promote {version} by hand if it should serve)"
+                    f"{reason}; not promoted: current was promoted or rolled back during this run "
+                    f"({start_mark[0]} at the start, {now[0]} now; promote {version} by hand if it should serve)"
                 )
                 report.update(promoted=False, reason=reason)
             outcome = _write(registry_dir, task, manifest, onnx_bytes, extra_files, report, promoted, dry_run)

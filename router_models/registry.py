@@ -213,6 +213,18 @@ def _history(registry_dir: Path, task: str) -> list[dict[str, Any]]:
     return entries
 
 
+def registry_mark(registry_dir: Path, task: str) -> tuple[str | None, int]:
+    """(the version `current` names, how many promotions and rollbacks the history holds): changes with every
+    promote and rollback, also one that returns to the same version."""
+    path = task_dir(registry_dir, task) / HISTORY
+    try:
+        with open(path, "rb") as fh:
+            entries = sum(1 for line in fh if line.strip())
+    except FileNotFoundError:
+        entries = 0
+    return current_version(registry_dir, task), entries
+
+
 def _set_current(registry_dir: Path, task: str, version: str, action: str) -> str | None:
     directory = task_dir(registry_dir, task)
     previous = current_version(registry_dir, task)
@@ -368,7 +380,8 @@ def remove_stale_temporaries(registry_dir: Path, task: str, older_than_s: float 
     removed = 0
     if versions.is_dir():
         for path in versions.glob(".tmp-*"):
-            if time.time() - path.stat().st_mtime > older_than_s:
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
+            with contextlib.suppress(FileNotFoundError):  # a prune may be deleting it right now
+                if time.time() - path.stat().st_mtime > older_than_s:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
     return removed

@@ -193,9 +193,13 @@ def test_a_second_run_fails_fast_while_the_lock_is_held(promoted):
         run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
 
 
-def test_a_rollback_is_never_kept_waiting_by_a_distill_run_and_its_choice_stands(tmp_path, slice_records, monkeypatch):
+@pytest.mark.parametrize("operator", ["rollback", "rollback and promote back"])
+def test_a_rollback_is_never_kept_waiting_by_a_distill_run_and_its_choice_stands(
+    tmp_path, slice_records, monkeypatch, operator
+):
     """A distill run holds its own lock while it trains, not the registry's: an operator can roll back
-    meanwhile, and the run then writes its version without promoting it over the operator's choice."""
+    meanwhile (or roll back and promote the same version again), and the run then writes its version without
+    promoting it over the operator's choice."""
     import router_models.distill as distill_module
 
     settings = _logged(tmp_path, *slice_records)
@@ -206,22 +210,23 @@ def test_a_rollback_is_never_kept_waiting_by_a_distill_run_and_its_choice_stands
     with task_lock(registry, TASK, name=DISTILL_LOCK):  # a run in progress
         assert rollback(registry, TASK) == first.version
         promote(registry, TASK, second.version)
-    real = distill_module._current_holdout
-    moved: dict[str, str] = {}
+    real = distill_module.fit_specialist
 
-    def roll_back_after_the_gate_looked(*args, **kwargs):
-        result = real(*args, **kwargs)
-        moved["to"] = rollback(registry, TASK)  # the operator's rollback, while the run goes on
-        return result
+    def the_operator_acts_while_it_trains(*args, **kwargs):
+        fitted = real(*args, **kwargs)
+        rollback(registry, TASK)
+        if operator == "rollback and promote back":
+            promote(registry, TASK, second.version)
+        return fitted
 
-    monkeypatch.setattr(distill_module, "_current_holdout", roll_back_after_the_gate_looked)
+    monkeypatch.setattr(distill_module, "fit_specialist", the_operator_acts_while_it_trains)
     outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
-    assert moved["to"] == first.version
-    assert not outcome.promoted and "not promoted: current moved from" in outcome.reason
-    assert current_version(registry, TASK) == first.version
+    chosen = first.version if operator == "rollback" else second.version
+    assert current_version(registry, TASK) == chosen
+    assert not outcome.promoted and "promoted or rolled back during this run" in outcome.reason
     assert outcome.version in {v.version for v in list_versions(registry, TASK)}  # written, for a manual promote
     report = json.loads((outcome.report_dir / "report.json").read_text())
-    assert report["promoted"] is False and "current moved" in report["reason"]
+    assert report["promoted"] is False and "during this run" in report["reason"]
 
 
 def test_records_can_be_passed_directly_and_the_window_applies(tmp_path, slice_records):

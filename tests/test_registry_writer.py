@@ -25,6 +25,7 @@ from router_models.registry import (
     list_versions,
     promote,
     prune,
+    remove_stale_temporaries,
     rollback,
     task_lock,
     version_name,
@@ -371,3 +372,41 @@ def test_the_prune_command_takes_keep_from_the_flag_or_the_config(tmp_path):
     done = cli({"keep_versions": 3})
     assert done.returncode == 0 and done.stdout.strip() == f"{TASK}: deleted 1 version(s): {names[0]}"
     assert [v.version for v in list_versions(tmp_path, TASK)] == names[1:]
+
+
+def test_the_registry_lock_waits_for_a_holder_that_lets_go_and_no_longer(tmp_path):
+    """Distill's write step waits for a promote or rollback that holds the registry's lock; a holder that
+    keeps it past the wait is an error, not a hang."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with task_lock(tmp_path, TASK):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    t0 = time.monotonic()
+    with pytest.raises(RegistryLockedError), task_lock(tmp_path, TASK, wait_s=0.3):
+        pass
+    assert time.monotonic() - t0 >= 0.3
+    threading.Timer(0.3, release.set).start()
+    with task_lock(tmp_path, TASK, wait_s=10):
+        assert release.is_set()  # acquired only once the holder let go
+    thread.join(5)
+
+
+def test_stale_temporaries_that_vanish_while_being_looked_at_are_no_error(tmp_path, monkeypatch):
+    (tmp_path / TASK / "versions").mkdir(parents=True)
+    gone = tmp_path / TASK / "versions" / ".tmp-prune-gone-1"
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([gone]))  # listed, then deleted by a prune
+    assert remove_stale_temporaries(tmp_path, TASK) == 0
+
+
+def test_a_current_pointer_no_file_system_can_open_scores_as_no_current_version(tmp_path):
+    from router_models.distill import _current_holdout
+
+    (tmp_path / TASK / "versions").mkdir(parents=True)
+    (tmp_path / TASK / "current").write_text("x" * 300 + "\n")  # ENAMETOOLONG as a path
+    assert _current_holdout(tmp_path, TASK, [], 0.97) == ("x" * 300, None, None)
