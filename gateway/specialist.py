@@ -260,7 +260,8 @@ class Specialist:
         _check_labels(manifest, labels)
         if isinstance(manifest.input, TokenInput) and not (version_dir / manifest.input.tokenizer).is_file():
             # Before the model is hashed and run: a version still being copied is refused cheaply, and retried.
-            raise SpecialistLoadError("missing_file", f"{version_dir / manifest.input.tokenizer} does not exist")
+            tokenizer = version_dir / manifest.input.tokenizer
+            raise SpecialistLoadError("missing_file", f"{tokenizer} is not there (or not a file)")
         model_bytes = _read(version_dir / MODEL_FILE)
         digest = _sha256(model_bytes)
         if digest != manifest.model_sha256:
