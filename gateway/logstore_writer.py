@@ -241,14 +241,12 @@ class LogWriter:
                 batch.append(item)
             self._in_flight = batch
             self._report_depth()
-            records: list[InferenceRecord] | None = None
+            prepared: list[list[InferenceRecord]] = []
             try:
-                # Redacted first and held as redacted: what the replayer writes back never skips redaction.
-                records = await asyncio.to_thread(self._prepare, batch)
-                await asyncio.to_thread(self._write_prepared, records)
+                await asyncio.to_thread(self._prepare_and_write, batch, prepared)
             except Exception:  # a bug here must not stop the writer; keep the batch
                 log.exception("inference log: writing a batch failed unexpectedly; holding it for the replayer")
-                self._hold_after_failure(batch, records)
+                self._hold_after_failure(batch, prepared[0] if prepared else None)
             self._in_flight = []
             self._report_depth()
             if stop or (self._closed and self._queue.empty()):
@@ -315,6 +313,12 @@ class LogWriter:
         with self._stats_lock:
             self._held.extend(batch if prepared is None else prepared)
         self._wake_replayer()
+
+    def _prepare_and_write(self, batch: list[InferenceRecord], prepared: list[list[InferenceRecord]]) -> None:
+        """Redact, then write, in one thread hop. The redacted records are left in `prepared` for the caller:
+        a batch held after a failure is held redacted, and what the replayer writes back never skips it."""
+        prepared.append(self._prepare(batch))
+        self._write_prepared(prepared[0])
 
     def _write_prepared(self, records: Sequence[InferenceRecord]) -> None:
         """Store records `_prepare` made ready; spool them if the store fails."""
