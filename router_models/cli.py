@@ -199,13 +199,13 @@ def registry_promote(
     config: ConfigOpt = None,
 ) -> None:
     """Point the task's `current` at VERSION (atomically); running gateways pick it up."""
-    from router_models.registry import RegistryError, promote
+    from router_models.registry import RegistryError, plain_version_name, promote
 
     settings = _settings(config)
     _task(settings, task)
     check = _gateway_check(settings, task)
     previous = _or_fail(lambda: promote(settings.registry.path, task, version, check=check), RegistryError)
-    version = Path(version).name  # promote wrote the plain name (tab completion may have added a "/")
+    version = plain_version_name(version)  # what promote wrote (tab completion may have added a "/")
     if previous == version:
         typer.echo(f"{task}: {version} is already current; nothing changed")
         return
@@ -294,9 +294,7 @@ def reference_teacher(
 
     try:
         serve_reference_teacher(data, host, port, latency_ms, seed=seed)
-    except (DatasetError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    except OSError as exc:  # the address: in use, not this machine's, a port out of range
+    except (DatasetError, OSError) as exc:  # a missing dataset; the address in use, not this machine's, ...
         _fail(str(exc))
 
 
@@ -324,9 +322,7 @@ def demo(
             data=data, workdir=workdir, days=days, student=student, serve=serve,
             traffic_limit=traffic_limit, test_limit=test_limit,
         )  # fmt: skip
-    except (DatasetError, WorkdirError) as exc:
-        _fail(str(exc))
-    except StepFailed as exc:  # a step of the loop failed (e.g. distill on too little traffic): its own words
+    except (DatasetError, WorkdirError, StepFailed) as exc:  # StepFailed: e.g. distill on too little traffic
         _fail(str(exc))
 
 

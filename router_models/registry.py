@@ -245,12 +245,17 @@ def _set_current(registry_dir: Path, task: str, version: str, action: str) -> st
     return previous
 
 
+def plain_version_name(version: str) -> str:
+    """A version name as an operator may type it, made plain: tab completion's trailing "/", or "./NAME", name
+    the same directory, but `current` must hold the plain name, the only form gateways accept. Read as written,
+    not resolved, so a version symlinked into versions/ stays one. The result may still hold a path ("../x")."""
+    return os.path.normpath(version)
+
+
 def _version_dir(registry_dir: Path, task: str, version: str) -> tuple[str, Path]:
-    """(the version's plain name, its directory) for a name as an operator may type it: tab completion's
-    trailing "/", or "./NAME", finds the same directory, but `current` must hold the plain name, the only
-    form gateways accept. A name with a path in it ("../x", "a/b") is refused."""
+    """(the version's plain name, its directory); a name with a path in it ("../x", "a/b") is refused."""
     versions = task_dir(registry_dir, task) / VERSIONS
-    name = os.path.normpath(version)  # "V/" and "./V" are "V"; read as written, so a symlinked version stays one
+    name = plain_version_name(version)
     if os.sep in name or name.startswith("."):
         raise VersionNotFoundError(f"{version!r} is not a version name of task {task!r} (a directory of {versions})")
     version_dir = versions / name
@@ -317,6 +322,13 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
         raise RegistryError(f"task {task!r} has no earlier complete version than {current!r}")
 
 
+def _version_names(versions: Path) -> list[str]:
+    """The version directories' names, oldest first (hidden temporary directories are not versions)."""
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def list_versions(registry_dir: Path, task: str, *, include_unreadable: bool = False) -> list[VersionInfo]:
     """Complete versions of a task, oldest first (hidden temporary directories are not versions). With
     `include_unreadable`, directories whose manifest cannot be read are listed too, with the `problem`."""
@@ -325,7 +337,7 @@ def list_versions(registry_dir: Path, task: str, *, include_unreadable: bool = F
         return []
     current = current_version(registry_dir, task)
     out = []
-    for path in sorted(p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for path in (versions / name for name in _version_names(versions)):
         try:
             manifest = Manifest.model_validate_json((path / "manifest.json").read_bytes())
         except (OSError, ValueError) as exc:
@@ -357,7 +369,7 @@ def prune(registry_dir: Path, task: str, keep: int, *, lock: bool = True, dry_ru
         raise RegistryError(f"keep must be at least 1, not {keep}")
     directory = task_dir(registry_dir, task)
     with task_lock(registry_dir, task) if lock else contextlib.nullcontext():
-        names = [v.version for v in list_versions(registry_dir, task, include_unreadable=True)]
+        names = _version_names(directory / VERSIONS)
         stack = _promotion_stack(registry_dir, task)
         protected = set(names[-keep:]) | set(stack[-(keep + 1) :]) | {current_version(registry_dir, task)}
         doomed = [name for name in names if name not in protected]
