@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from router_models.datasets import ensure_clinc150
-from router_models.flywheel import TASK, FlywheelConfig, FlywheelResult, WorkdirError, run_flywheel
+from router_models.flywheel import TASK, FlywheelConfig, FlywheelResult, check_workdir, run_flywheel
 from router_models.flywheel_report import main_table, plot
 from router_models.processes import apprentice_command, start, wait_ready
 
@@ -38,9 +38,7 @@ def run_demo(
     traffic_limit: int | None,
     test_limit: int | None,
 ) -> None:
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"workdir {workdir} is a file, not a directory")
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir)  # before a download into it
     data_path = resolve_data(data, workdir)
     cfg = FlywheelConfig(
         data=data_path,

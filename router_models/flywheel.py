@@ -365,14 +365,19 @@ class WorkdirError(ValueError):
 MARKER = ".apprentice-flywheel"  # written into every workdir a flywheel run has cleared and filled
 
 
+def check_workdir(workdir: Path) -> None:
+    """A workdir that exists must be a directory: WorkdirError otherwise."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} is a file, not a directory")
+
+
 def _fresh(workdir: Path) -> None:
     """The flywheel owns its workdir: every run starts with an empty registry and log. A workdir it did not
     fill (no marker, and not the layout of a run from before the marker) is refused, never cleared: pointed at a
     gateway's own directory by mistake, the demo would delete its registry and log."""
     import shutil
 
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"workdir {workdir} is a file, not a directory")
+    check_workdir(workdir)
     owned = (workdir / MARKER).is_file() or (workdir / "logs" / "teacher.log").is_file()
     found = [p.name for p in (workdir / n for n in ("registry", "spool", "logs", "inference.db")) if p.exists()]
     if found and not owned:

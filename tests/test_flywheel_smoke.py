@@ -155,6 +155,19 @@ def test_a_directory_with_only_a_logs_folder_is_not_the_flywheels_either(tmp_pat
     assert (tmp_path / "project" / "logs" / "app.log").read_text() == "kept\n"
 
 
+def test_a_workdir_that_is_a_file_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    from router_models.demo import run_demo
+    from router_models.flywheel import WorkdirError, _fresh
+
+    path = tmp_path / "notes.txt"
+    path.write_text("kept\n")
+    with pytest.raises(WorkdirError, match="is a file, not a directory"):
+        _fresh(path)
+    with pytest.raises(WorkdirError, match="is a file, not a directory"):
+        run_demo(data=None, workdir=path, days=1, student="tfidf", serve=False, traffic_limit=1, test_limit=1)
+    assert path.read_text() == "kept\n"
+
+
 def test_a_flywheel_workdir_is_cleared_for_the_next_run(small_jsonl: Path, tmp_path: Path) -> None:
     """A run's own workdir, marked by it, is cleared before the next run reads anything into it."""
     from router_models.flywheel import MARKER, _fresh
