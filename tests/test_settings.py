@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gateway.pricing import Price, PriceBook
-from gateway.settings import ConfigError, ModelPrice, PricingConfig, load_settings, resolve_secret
+from gateway.settings import ConfigError, ModelPrice, PricingConfig, Settings, load_settings, resolve_secret
 
 UPSTREAM = {"api_base": "http://127.0.0.1:9/v1", "models": ["gpt-4o-mini"]}
 
@@ -290,22 +290,25 @@ def test_an_environment_override_that_cannot_reach_a_mixed_case_key_is_refused(
 
 
 def test_serve_refuses_a_task_whose_teacher_no_upstream_serves(tmp_path: Path) -> None:
-    from gateway.server import check_teachers
+    from gateway.server import ServeArgs, build_settings
+
+    def serve_settings(config: dict) -> Settings:  # what `apprentice serve --config` builds
+        return build_settings(ServeArgs(config=str(_write(tmp_path, config))))
 
     task = {"teacher": "gpt-4o", "labels": ["a", "b"]}
     listed = {"upstreams": {"a": {**UPSTREAM, "models": ["gpt-4o-mini"]}}}
     with pytest.raises(ConfigError, match=r"tasks\.intent\.teacher: no upstream serves 'gpt-4o'.*gpt-4o-mini"):
-        check_teachers(load_settings(_write(tmp_path, {**listed, "tasks": {"intent": task}})))
+        serve_settings({**listed, "tasks": {"intent": task}})
     # A task named as its teacher is a drop-in for that model: teacher calls never route back through tasks.
     wildcard = {"upstreams": {"a": {**UPSTREAM, "models": ["*"]}}}
-    check_teachers(load_settings(_write(tmp_path, {**wildcard, "tasks": {"gpt-4o": task}})))
+    serve_settings({**wildcard, "tasks": {"gpt-4o": task}})
     # Served: listed, a wildcard upstream, or a default upstream.
     for upstreams, extra in [
         ({"a": {**UPSTREAM, "models": ["gpt-4o"]}}, {}),
         ({"a": {**UPSTREAM, "models": ["*"]}}, {}),
         ({"a": {**UPSTREAM, "models": ["gpt-4o-mini"]}}, {"default_upstream": "a"}),
     ]:
-        check_teachers(load_settings(_write(tmp_path, {"upstreams": upstreams, "tasks": {"intent": task}, **extra})))
+        serve_settings({"upstreams": upstreams, "tasks": {"intent": task}, **extra})
 
 
 def test_a_config_that_is_not_utf8_or_an_env_list_that_is_not_json_is_one_line(
@@ -342,8 +345,11 @@ def test_a_task_name_that_would_leave_the_registry_directory_is_refused(tmp_path
 )
 def test_yaml_booleans_and_infinities_are_not_numbers_here(tmp_path: Path, config: dict, where: str) -> None:
     """`port: false` bound any free port and `.inf` as a poll interval never picked up a new version."""
-    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")) as caught:
         load_settings(_write(tmp_path, config))
+    value = next(iter(next(iter(config.values())).values()))
+    if isinstance(value, float):  # refused as not finite, not by the field's bounds (NaN fails those too)
+        assert "finite number" in str(caught.value)
 
 
 def test_an_integer_from_the_environment_is_still_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
