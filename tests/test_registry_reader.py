@@ -217,11 +217,16 @@ def test_a_version_that_arrives_after_its_pointer_is_loaded_when_it_does(
     with caplog.at_level(logging.WARNING, logger="apprentice.registry"):
         (result,) = reader.poll()
         assert (result.outcome, result.reason) == ("refused", "missing_file")
+        previous = 0.0
         for delay in (0.2, 0.4, 0.8):  # the wait doubles from the poll interval
             assert reader.poll() == [], "tried again before the delay"
-            time.sleep(delay + 0.02)
+            if previous:  # past the last wait, still inside this one: the wait grew
+                time.sleep(previous + 0.05)
+                assert reader.poll() == [], "the wait did not double"
+            time.sleep(delay - (previous + 0.05 if previous else 0.0) + 0.02)
             (result,) = reader.poll()
             assert (result.outcome, result.reason) == ("refused", "missing_file")
+            previous = delay
     assert reader.load_failures[(TASK, "missing_file")] == 1
     assert [e.outcome for e in events] == ["loaded", "refused"]
     assert sum("refused" in m for m in caplog.messages) == 1
