@@ -122,7 +122,6 @@ class TaskService:
             # refusal is counted once per pointer, so its counter would otherwise appear at 1 and stay there.
             for result in ("loaded", *REFUSAL_REASONS):
                 self.metrics.registry_loads.labels(task=name, result=result)
-            self.metrics.registry_refused.labels(task=name).set(0)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
