@@ -302,17 +302,15 @@ def rollback(registry_dir: Path, task: str, *, lock: bool = True, check: Version
         stack = _promotion_stack(registry_dir, task)
         while stack and stack[-1] != current:
             stack.pop()
-        # Never the current version itself: a history may hold it twice in a row (written before promote
-        # made re-promoting it a no-op), and "rolling back" to it would change nothing.
-        candidates = [v for v in dict.fromkeys(stack[:-1][::-1]) if v != current]
+        # Never the current version itself: a history may hold it twice in a row (written before promote made
+        # re-promoting it a no-op), and "rolling back" to it would change nothing. A history line may say "V/".
+        candidates = [v for v in dict.fromkeys(plain_version_name(v) for v in stack[:-1][::-1]) if v != current]
         if not candidates:
             older = [v.version for v in list_versions(registry_dir, task) if v.version < current]
             candidates = older[::-1]
         for target in candidates:
             try:
-                target, target_dir = _version_dir(registry_dir, task, target)  # a history line may say "V/"
-                if target == current:
-                    continue
+                target, target_dir = _version_dir(registry_dir, task, target)
                 _verify(target_dir, task, check)
             except RegistryError as exc:
                 log.warning("rollback of %s skips %s: %s", task, target, exc)
