@@ -20,7 +20,8 @@ from gateway.inference_log import InferenceRecord, MemorySink, input_hash
 from gateway.logstore import LogStore, LogWriter, create_sink, prune_log
 from gateway.logstore_schema import inference_log
 from gateway.redact import luhn_valid, redact_record, redact_text
-from gateway.settings import LogConfig
+from gateway.settings import LogConfig, Settings
+from router_models.distill_data import read_log
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
 
@@ -221,6 +222,10 @@ def test_readers_read_a_version_1_log_as_it_is_and_leave_it_at_version_1(store_u
     try:
         assert list(reader.iter_records("intent")) == [old, recent]
         assert [r.id for r in reader.iter_records("intent", bodies=False)] == [old.id, recent.id]
+        # Distill's own reader, as `apprentice distill` calls it.
+        settings = Settings(log=LogConfig(url=store_url))
+        assert [r.id for r in read_log(settings, "intent", None)] == [old.id, recent.id]
+        assert _version(reader) == 1
         assert prune_log(store_url, "1d") == 1
         assert [r.id for r in reader.iter_records("intent")] == [recent.id]
         assert _version(reader) == 1
