@@ -175,6 +175,18 @@ def test_a_current_version_whose_files_are_gone_protects_nothing(tmp_path, slice
     assert current_version(settings.registry.path, TASK) == outcome.version
 
 
+def test_a_current_version_that_cannot_be_scored_is_kept_over_a_weak_candidate(tmp_path, slice_records):
+    """Its files are there (a gateway that loaded it may serve it still) but distill cannot run it: a weak
+    candidate must not replace it unseen."""
+    settings = _logged(tmp_path, *slice_records)
+    first = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False)
+    (settings.registry.path / TASK / "versions" / first.version / "model.onnx").write_bytes(b"not a graph")
+    weak = DistillConfig(max_iter=2, max_features=40)
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=False, progress=False, config=weak)
+    assert not outcome.promoted and outcome.reason.startswith("kept current, which could not be scored")
+    assert current_version(settings.registry.path, TASK) == first.version
+
+
 def test_dry_run_promotes_nothing_and_says_where_the_report_is(promoted):
     settings, first = promoted
     before = {v.version for v in list_versions(settings.registry.path, TASK)}
