@@ -1,7 +1,7 @@
 """The flywheel benchmark: does the cheap path take the routine traffic while agreement holds?
 
     python -m benchmarks.flywheel --data ../shared/data/clinc150/data_full.json [--days 3]
-        [--student tfidf|minilm] [--agreement-confidence 0.9] [--out benchmarks/results/flywheel_tfidf.json]
+        [--student tfidf|minilm] [--agreement-confidence 0.9] [--seed 0] [--out benchmarks/results/flywheel_tfidf.json]
 
 Real processes on 127.0.0.1 (the reference teacher, the gateway, `apprentice distill` per day); runs
 unchanged on any dataset in the JSONL format ({"text","label","split"}, label "oos" = out of scope).
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
         "--agreement-confidence", type=float, default=FlywheelConfig.agreement_confidence,
         help="probability that served agreement meets the target (0.5: about a guarantee in expectation)",
     )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=FlywheelConfig.seed,
+        help="which train examples the reference teacher learns from (the rest is traffic), and the order of "
+        "traffic and test: another seed is another run of the same benchmark",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/flywheel_<student>.json)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the registry, log and configs here")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--days must be at least 1")
     if not 0.5 <= args.agreement_confidence < 1.0:
         parser.error("--agreement-confidence must be in [0.5, 1)")
+    if args.seed < 0:
+        parser.error("--seed must be 0 or more")
 
     out = args.out or RESULTS / f"flywheel_{args.student}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         system_prompt=not args.no_system_prompt,
         traffic_limit=args.traffic_limit,
         test_limit=args.test_limit,
+        seed=args.seed,
     )
     t0 = time.perf_counter()
     result = run_flywheel(cfg)
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
         "versions": versions(("apprentice", "onnxruntime", "scikit-learn", "skl2onnx", "numpy", "uvicorn")),
         "seconds": round(time.perf_counter() - t0, 1),
+        "seed": args.seed,
         **result.as_dict(),
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     md = out.with_suffix(".md")
     md.write_text(
         f"# Flywheel: {result.dataset}, {result.student} student, {args.days} days, "
-        f"target agreement {args.target_agreement} at confidence {args.agreement_confidence}\n\n{table}\n\n"
+        f"target agreement {args.target_agreement} at confidence {args.agreement_confidence}, "
+        f"seed {args.seed}\n\n{table}\n\n"
         f"Teacher: {result.teacher}. "
         f"Machine: {payload['machine'].get('cpu_model')}; run took {payload['seconds']} s.\n"
     )

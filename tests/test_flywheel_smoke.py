@@ -281,3 +281,31 @@ def test_the_demo_never_states_a_share_of_no_requests_as_0_percent(in_scope: int
         test={"in_scope": in_scope, "oos": oos},
     )  # fmt: skip
     assert summary_line(result).startswith(expected)
+
+
+class _Captured(Exception):
+    """Raised in place of a flywheel run, carrying the config the benchmark built."""
+
+
+def test_the_benchmarks_seed_reaches_the_flywheel_and_a_negative_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmarks.flywheel as bench
+    from router_models.flywheel import FlywheelConfig
+
+    def capture(cfg: FlywheelConfig) -> None:
+        raise _Captured(cfg)
+
+    monkeypatch.setattr(bench, "run_flywheel", capture)
+    args = ["--data", str(CLINC150), "--out", str(tmp_path / "f.json"), "--workdir", str(tmp_path / "w")]
+    with pytest.raises(_Captured) as caught:
+        bench.main([*args, "--seed", "3"])
+    assert caught.value.args[0].seed == 3
+    with pytest.raises(_Captured) as caught:
+        bench.main(args)
+    assert caught.value.args[0].seed == FlywheelConfig.seed == 0
+    with pytest.raises(SystemExit) as refused:
+        bench.main([*args, "--seed", "-1"])
+    assert refused.value.code == 2
+    assert "--seed must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()
