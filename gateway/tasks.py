@@ -214,6 +214,10 @@ class TaskService:
             raise InvalidRequest(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
             )
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest(
+                "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.", param="top_logprobs"
+            )
         if request.tool_choice is not None and request.tools is None:
             raise InvalidRequest(
                 "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",

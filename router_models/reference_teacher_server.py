@@ -99,7 +99,9 @@ def create_app(teacher: ReferenceTeacher, *, latency_ms: float = 0.0) -> FastAPI
         if text is None:
             raise InvalidRequest("The reference teacher needs a user message.", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidRequest("logprobs must be set to true when top_logprobs is set.", param="top_logprobs")
+            raise InvalidRequest(
+                "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.", param="top_logprobs"
+            )
         answer = cache.get(text)
         if answer is None:
             answer = await run_in_threadpool(teacher.answer, text)

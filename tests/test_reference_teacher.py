@@ -240,7 +240,7 @@ def test_bad_requests_get_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="any", messages=[])
     assert err.value.body["param"] == "messages"
-    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+    with pytest.raises(openai.BadRequestError, match="The 'top_logprobs' parameter is only allowed when 'logprobs' is"):
         client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], top_logprobs=3)
 
 

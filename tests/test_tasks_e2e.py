@@ -94,6 +94,16 @@ def test_confident_inputs_are_answered_by_the_specialist_without_an_upstream_cal
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
         ),
         (
+            {"top_logprobs": 3},
+            "top_logprobs",
+            "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
+        ),
+        (
+            {"top_logprobs": 3, "logprobs": False},
+            "top_logprobs",
+            "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
+        ),
+        (
             {"tool_choice": "none"},
             "tool_choice",
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
