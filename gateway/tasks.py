@@ -41,6 +41,8 @@ from gateway.upstream import TeacherClient
 log = logging.getLogger("apprentice.tasks")
 FORCE_ROUTES = ("specialist", "teacher")
 CLIENT_CLOSED = 499  # the status logged and counted for a stream its client left before the end
+# OpenAI's limit on `stop` sequences (its 400 as continuedev/continue#2461 quotes it, code array_above_max_length).
+MAX_STOP_SEQUENCES = 4
 
 
 @dataclass(slots=True)
@@ -217,6 +219,13 @@ class TaskService:
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest(
                 "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.", param="top_logprobs"
+            )
+        if isinstance(request.stop, list) and len(request.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(
+                f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP_SEQUENCES}, "
+                f"but got an array with length {len(request.stop)} instead.",
+                param="stop",
+                code="array_above_max_length",
             )
         if request.tool_choice is not None and request.tools is None:
             raise InvalidRequest(

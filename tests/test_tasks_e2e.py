@@ -123,6 +123,29 @@ def test_a_request_openai_refuses_is_refused_as_openai_refuses_it(
     assert stack.teacher_calls() == before
 
 
+def test_more_than_four_stop_sequences_are_refused_as_openai_refuses_them(
+    stack: TaskStack, client: openai.OpenAI
+) -> None:
+    text, _ = stack.confident[0]
+    before = stack.teacher_calls()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="intent", messages=user(text), stop=["\n\n", "END", "###", "--", "~~"])
+    assert caught.value.status_code == 400
+    assert caught.value.body == {
+        "message": "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with "
+        "length 5 instead.",
+        "type": "invalid_request_error",
+        "param": "stop",
+        "code": "array_above_max_length",
+    }
+    # Four are OpenAI's limit, not beyond it: the specialist answers.
+    four = client.chat.completions.with_raw_response.create(
+        model="intent", messages=user(text), stop=["\n\n", "END", "###", "--"]
+    )
+    assert four.headers["x-apprentice-route"] == "specialist"
+    assert stack.teacher_calls() == before
+
+
 def test_specialist_stream_parses_in_the_openai_client(stack: TaskStack, client: openai.OpenAI) -> None:
     text, label = stack.confident[0]
     before = stack.teacher_calls()
