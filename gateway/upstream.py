@@ -375,7 +375,7 @@ class TeacherClient:
         response = await self._litellm_call(up, kwargs)
         data = response.model_dump(exclude_none=True)
         data["model"] = body["model"]
-        return Completion(up.name, 200, _dumps(data), time.perf_counter() - t0)
+        return Completion(up.name, 200, _dumps(data), time.perf_counter() - t0, _litellm_headers(response))
 
     async def _litellm_stream(self, up: Upstream, body: dict[str, Any]) -> Stream:
         t0 = time.perf_counter()
@@ -400,7 +400,10 @@ class TeacherClient:
 
         t = up.config.timeouts
         elapsed = time.perf_counter() - t0
-        return Stream(up.name, elapsed, lines(), close, t.first_byte_s, t0 + t.total_s, self._stream_error(up))
+        return Stream(
+            up.name, elapsed, lines(), close, t.first_byte_s, t0 + t.total_s, self._stream_error(up),
+            _litellm_headers(wrapper),
+        )  # fmt: skip
 
     def _stream_error(self, up: Upstream) -> Callable[[str], None]:
         def count(kind: str) -> None:
@@ -447,12 +450,53 @@ def _describe_transport(exc: httpx.TransportError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# litellm keeps a provider's own response headers under this prefix in `_hidden_params["additional_headers"]`.
+LITELLM_PROVIDER_HEADER = "llm_provider-"
+
+
+def _litellm_headers(answer: Any) -> dict[str, str]:
+    """`forwarded_headers` of the provider's answer behind a litellm response or stream, as the OpenAI-compatible
+    path passes them on (x-request-id, openai-processing-ms, x-ratelimit-*); {} when litellm kept none."""
+    hidden = getattr(answer, "_hidden_params", None)
+    kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    if not isinstance(kept, dict):
+        return {}
+    provider = {
+        name.removeprefix(LITELLM_PROVIDER_HEADER): str(value)
+        for name, value in kept.items()
+        if isinstance(name, str) and name.startswith(LITELLM_PROVIDER_HEADER)
+    }
+    return forwarded_headers(provider)
+
+
+def _provider_error_body(exc: Exception) -> bytes | None:
+    """The provider's own error body behind a litellm exception when it is a JSON object with an `error`, so its
+    message, type, param and code reach the client as on the OpenAI-compatible path; None otherwise."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, httpx.Response):
+        return None
+    try:
+        content = response.content
+        parsed = json.loads(content)
+    except (httpx.ResponseNotRead, ValueError):
+        return None
+    return content if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
+
+
 def _from_litellm(upstream: str, exc: Exception) -> UpstreamError:
     status = getattr(exc, "status_code", None)
     message = str(getattr(exc, "message", None) or exc)
     if "timeout" in type(exc).__name__.lower():
         return UpstreamTimeout(upstream, message)
     if isinstance(status, int) and status >= 400:
-        body = json.dumps({"error": {"message": message, "type": None, "param": None, "code": None}})
-        return UpstreamStatusError(upstream, status, body.encode())
+        body = (
+            _provider_error_body(exc)
+            or json.dumps({"error": {"message": message, "type": None, "param": None, "code": None}}).encode()
+        )
+        headers = getattr(exc, "litellm_response_headers", None)
+        if not isinstance(headers, Mapping):
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+        return UpstreamStatusError(
+            upstream, status, body, _error_headers(headers) if isinstance(headers, Mapping) else None
+        )
     return UpstreamUnavailable(upstream, message)
