@@ -264,6 +264,9 @@ class LogWriter:
                 await asyncio.to_thread(self._replay_round)
             except Exception as exc:  # noqa: BLE001 - the store is down: retry later, with backoff
                 self._store_ok = False
+                # The next round migrates first: a store that comes back empty (a schema dropped and made anew,
+                # a database restored from before the log existed) gets its tables back, without a restart.
+                self._migrated = False
                 self._count("write_errors", 1)
                 log.warning(
                     "inference log: store %s still unavailable (%s); retry in %.1fs", self.store.url, brief(exc), delay

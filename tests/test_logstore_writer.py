@@ -305,6 +305,34 @@ async def test_postgres_schema_gone_mid_run_loses_nothing(tmp_path, pg_url):
     assert spool_files(tmp_path / "spool") == []
 
 
+async def test_a_store_that_comes_back_empty_gets_its_tables_back_and_the_spool_without_a_restart(tmp_path, pg_url):
+    schema = pg_url.rsplit("schema=", 1)[1]
+    writer = LogWriter(LogStore(pg_url), spool_dir=tmp_path / "spool", batch_size=20, **FAST)
+    await writer.start()
+    try:
+        records = [make_record(i) for i in range(100)]
+        for record in records[:50]:
+            writer.submit(record)
+        await wait_until(lambda: writer.stats.written == 50, what="first writes")
+        with psycopg.connect(PG_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')  # what it held is gone with it
+            admin.execute(f'CREATE SCHEMA "{schema}"')  # made anew, empty
+        for record in records[50:]:
+            writer.submit(record)
+            await asyncio.sleep(0)
+        # While the writer runs: the replayer migrates the empty schema and writes the spool back.
+        await wait_until(lambda: writer.stats.replayed >= 50, what="the spool written back to the new schema")
+        direct = LogStore(pg_url)
+        try:
+            assert sorted(stored_ids(direct)) == sorted(r.id for r in records[50:])
+        finally:
+            direct.close()
+        assert writer.stats.dropped == 0 and writer.stats.spooled == 50
+    finally:
+        await writer.aclose()
+    assert spool_files(tmp_path / "spool") == []
+
+
 async def test_restart_replays_the_spool_left_behind(tmp_path):
     db = tmp_path / "log.db"
     spool = tmp_path / "spool"
