@@ -13,6 +13,9 @@ position, so the distribution is rebuilt from the first label token's `top_logpr
   later position the alternatives give the conditional split between the labels still consistent with it;
   an alternative that continues no label while a label is already complete (".", a newline) is the
   probability of stopping there. Mass of alternatives off the generated path is split evenly;
+- a one-letter alternative off the generated path ("I" of "I'm sorry") claims no label: it opens a sentence
+  far more often than it spells the first piece of a label, and read as one it would hand the teacher's
+  inclination to decline to the labels starting with that letter;
 - the result is renormalised over the labels. The share of first-token mass that matches no label (the
   teacher's inclination to decline or to say something else) is reported by `non_label_mass`.
 """
@@ -126,7 +129,7 @@ def _first_token_masses(
     by_label: dict[str, float] = defaultdict(float)
     other = 0.0
     for alt, prob in alternatives:
-        claimed = claims.get(alt, [])
+        claimed = claims.get(alt, []) if alt == generated or not _lone_letter(alt, labels) else []
         if not claimed:
             other += prob
             continue
@@ -204,6 +207,14 @@ def _claims(alternatives: list[str], prefix: str, candidates: set[str], labels: 
         # A short alternative whose labels all went to longer ones still carries mass: keep it on them.
         claims[alt] = own or found
     return claims
+
+
+def _lone_letter(alt: str, labels: LabelSet) -> bool:
+    """A one-character first token that is not itself a label: "I" or "A" opening a sentence ("I'm sorry", "A
+    refund..."), which an LLM's tokenizer seldom uses as the first piece of a label word. Off the generated path
+    it claims no label, so a teacher's inclination to decline is non-label mass instead of being spread over
+    the labels that start with that letter ("income", "insurance")."""
+    return len(alt) == 1 and labels.label_of(alt) is None
 
 
 def _complete(prefix: str, candidates: set[str]) -> str | None:

@@ -122,6 +122,25 @@ def test_a_decline_keeps_the_label_alternatives_and_reports_its_mass():
     assert non_label_mass(content, LABELS) == pytest.approx(0.94)
 
 
+def test_a_lone_letter_opening_a_decline_is_not_read_as_the_labels_it_starts():
+    # The teacher answers "balance" but leans 0.2 towards "I'm sorry": with labels starting with "i", that 0.2
+    # must stay the inclination to decline, not become mass on "income" and "insurance".
+    labels = [*LABELS, "income", "insurance"]
+    content = [tok("balance", 0.7, {"balance": 0.7, "I": 0.2, "credit": 0.1})]
+    dist = label_distribution(content, labels)
+    assert dist is not None and "income" not in dist and "insurance" not in dist
+    assert dist["balance"] == pytest.approx(0.7 / 0.8)
+    assert non_label_mass(content, labels) == pytest.approx(0.2)
+    # A label's own first token still claims it, and a one-letter label is still a label.
+    spelled = [tok("balance", 0.7, {"balance": 0.7, "income": 0.2, "I": 0.1})]
+    assert label_distribution(spelled, labels) == pytest.approx({"balance": 0.7 / 0.9, "income": 0.2 / 0.9})
+    # With a label "i", "I" spells it out, and shares its mass with the other label it starts that no longer
+    # alternative claims, as any complete-label alternative does.
+    assert label_distribution(spelled, [*labels, "i"]) == pytest.approx(
+        {"balance": 0.7, "income": 0.2, "i": 0.05, "insurance": 0.05}
+    )
+
+
 def test_missing_logprobs_give_none():
     assert label_distribution(None, LABELS) is None
     assert label_distribution([], LABELS) is None
