@@ -13,9 +13,9 @@ position, so the distribution is rebuilt from the first label token's `top_logpr
   later position the alternatives give the conditional split between the labels still consistent with it;
   an alternative that continues no label while a label is already complete (".", a newline) is the
   probability of stopping there. Mass of alternatives off the generated path is split evenly;
-- a one-letter alternative off the generated path ("I" of "I'm sorry") claims no label: it opens a sentence
-  far more often than it spells the first piece of a label, and read as one it would hand the teacher's
-  inclination to decline to the labels starting with that letter;
+- a lone capital letter that no label starts with as configured ("I" of "I'm sorry") claims no label: it opens
+  a sentence, and read as the first piece of a label it would hand the teacher's inclination to decline to the
+  labels starting with its lower-case letter;
 - the result is renormalised over the labels. The share of first-token mass that matches no label (the
   teacher's inclination to decline or to say something else) is reported by `non_label_mass`.
 """
@@ -60,6 +60,8 @@ class LabelSet:
                 raise ValueError(f"labels {self._by_norm[norm]!r} and {label!r} are the same after normalisation")
             self._by_norm[norm] = label
         self._sorted: list[str] = sorted(self._by_norm)
+        # The labels' first characters as configured, after the wrappers an answer may carry (`_first_key`).
+        self.initials: frozenset[str] = frozenset(label.lstrip(_WRAPPERS)[:1] for label in self.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -123,13 +125,13 @@ def _first_token_masses(
     start = next((k for k, tok in enumerate(content) if _norm_first(_token(tok))), None)
     if start is None:
         return None
-    alternatives = [(a, p) for a, p in _alternatives(content[start], first=True) if a]
+    alternatives = [(a, p) for a, p in _alternatives(content[start], first=True, initials=labels.initials) if a]
     claims = _claims([a for a, _ in alternatives], "", set(labels.with_prefix("")), labels)
-    generated = _norm_first(_token(content[start]))
+    generated = _first_key(_token(content[start]), labels.initials)
     by_label: dict[str, float] = defaultdict(float)
     other = 0.0
     for alt, prob in alternatives:
-        claimed = claims.get(alt, []) if alt == generated or not _lone_letter(alt, labels) else []
+        claimed = claims.get(alt, [])
         if not claimed:
             other += prob
             continue
@@ -209,14 +211,6 @@ def _claims(alternatives: list[str], prefix: str, candidates: set[str], labels: 
     return claims
 
 
-def _lone_letter(alt: str, labels: LabelSet) -> bool:
-    """A one-character first token that is not itself a label: "I" or "A" opening a sentence ("I'm sorry", "A
-    refund..."), which an LLM's tokenizer seldom uses as the first piece of a label word. Off the generated path
-    it claims no label, so a teacher's inclination to decline is non-label mass instead of being spread over
-    the labels that start with that letter ("income", "insurance")."""
-    return len(alt) == 1 and labels.label_of(alt) is None
-
-
 def _complete(prefix: str, candidates: set[str]) -> str | None:
     """The candidate label the prefix already spells out completely, if any."""
     for form in (prefix, prefix.rstrip(_TRAILERS)):
@@ -225,9 +219,15 @@ def _complete(prefix: str, candidates: set[str]) -> str | None:
     return None
 
 
-def _alternatives(entry: Mapping[str, Any], *, first: bool) -> list[tuple[str, float]]:
-    """(normalised token, probability) at one position, the generated token included, equal tokens merged."""
-    norm = _norm_first if first else str.lower
+def _alternatives(
+    entry: Mapping[str, Any], *, first: bool, initials: frozenset[str] = frozenset()
+) -> list[tuple[str, float]]:
+    """(normalised token, probability) at one position, the generated token included, equal tokens merged.
+    At the first position tokens are keyed by `_first_key` (`initials`: the labels' first characters)."""
+
+    def norm(token: str) -> str:
+        return _first_key(token, initials) if first else token.lower()
+
     raw: dict[str, float] = {}
     for alt in entry.get("top_logprobs") or []:
         raw[_token(alt)] = _prob(alt)
@@ -236,6 +236,17 @@ def _alternatives(entry: Mapping[str, Any], *, first: bool) -> list[tuple[str, f
     for token, prob in raw.items():
         merged[norm(token)] += prob
     return list(merged.items())
+
+
+def _first_key(token: str, initials: frozenset[str]) -> str:
+    """A first token as it is compared with the labels: `_norm_first`, except a lone capital letter that no label
+    starts with as configured ("I" of "I'm sorry", "A" of "A refund..."), kept as it is. That is a word opening a
+    sentence, not the first piece of "income" or "account": it claims no label, and a teacher's inclination to
+    decline stays non-label mass. Lower-case letters, digits and other scripts are compared as before."""
+    stripped = token.lstrip(_WRAPPERS)
+    if len(stripped) == 1 and "A" <= stripped <= "Z" and stripped not in initials:
+        return stripped
+    return stripped.lower()
 
 
 def _norm_first(token: str) -> str:

@@ -122,7 +122,7 @@ def test_a_decline_keeps_the_label_alternatives_and_reports_its_mass():
     assert non_label_mass(content, LABELS) == pytest.approx(0.94)
 
 
-def test_a_lone_letter_opening_a_decline_is_not_read_as_the_labels_it_starts():
+def test_a_capital_letter_opening_a_decline_is_not_read_as_the_labels_it_starts():
     # The teacher answers "balance" but leans 0.2 towards "I'm sorry": with labels starting with "i", that 0.2
     # must stay the inclination to decline, not become mass on "income" and "insurance".
     labels = [*LABELS, "income", "insurance"]
@@ -131,14 +131,34 @@ def test_a_lone_letter_opening_a_decline_is_not_read_as_the_labels_it_starts():
     assert dist is not None and "income" not in dist and "insurance" not in dist
     assert dist["balance"] == pytest.approx(0.7 / 0.8)
     assert non_label_mass(content, labels) == pytest.approx(0.2)
-    # A label's own first token still claims it, and a one-letter label is still a label.
+    # A label's own first token still claims it.
     spelled = [tok("balance", 0.7, {"balance": 0.7, "income": 0.2, "I": 0.1})]
     assert label_distribution(spelled, labels) == pytest.approx({"balance": 0.7 / 0.9, "income": 0.2 / 0.9})
-    # With a label "i", "I" spells it out, and shares its mass with the other label it starts that no longer
-    # alternative claims, as any complete-label alternative does.
-    assert label_distribution(spelled, [*labels, "i"]) == pytest.approx(
-        {"balance": 0.7, "income": 0.2, "i": 0.05, "insurance": 0.05}
+    # A label configured with that capital ("IT_support") makes "I" a label start again.
+    it = [tok("balance", 0.7, {"balance": 0.7, "I": 0.3})]
+    assert label_distribution(it, [*labels, "IT_support"]) == pytest.approx(
+        {"balance": 0.7, "income": 0.1, "insurance": 0.1, "IT_support": 0.1}
     )
+
+
+@pytest.mark.parametrize(
+    ("labels", "content", "expected"),
+    [
+        # Lower-case letters and digits are label pieces as before (a tokenizer may split "w2" or "20").
+        (["w2", "balance"], [tok("balance", 0.6, {"balance": 0.6, "w": 0.4})], {"balance": 0.6, "w2": 0.4}),
+        (["10", "20"], [tok("2", 0.55, {"2": 0.55, "1": 0.45}), tok("0", 0.99)], {"20": 0.55, "10": 0.45}),
+        # Other scripts too: one character per token.
+        (
+            ["退款", "余额"],
+            [tok("退", 0.6, {"退": 0.6, "余": 0.35}), tok("款", 0.99)],
+            {"退款": 0.6 / 0.95, "余额": 0.35 / 0.95},
+        ),
+        # The generated one-letter token follows its path.
+        (["w2", "balance"], [tok("w", 0.6, {"w": 0.6, "balance": 0.4}), tok("2", 0.99)], {"w2": 0.6, "balance": 0.4}),
+    ],
+)
+def test_one_character_tokens_that_are_not_sentence_openers_still_claim_labels(labels, content, expected):
+    assert label_distribution(content, labels) == pytest.approx(expected)
 
 
 def test_missing_logprobs_give_none():
