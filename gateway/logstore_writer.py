@@ -113,6 +113,8 @@ class LogWriter:
         self._in_flight: list[InferenceRecord] = []
         self._store_ok = True
         self._migrated = False
+        # True once a migration succeeded in this process: a later one that finds a newer schema is tolerated.
+        self._schema_checked = False
         self._first_round = True  # the first replay round adopts spool files of dead processes
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -286,8 +288,16 @@ class LogWriter:
     # -- worker-thread side ---------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        self.store.migrate()
+        try:
+            self.store.migrate()
+        except SchemaTooNewError as exc:
+            if not self._schema_checked:
+                raise  # at start, or before this process ever reached the store: refused, as always
+            # Migrating again after an outage, and a newer gateway moved the schema on meanwhile (a rolling
+            # upgrade): keep writing as before the outage; this gateway refuses the store only at its next start.
+            log.warning("inference log: %s; writing on until this gateway restarts", exc)
         self._migrated = True
+        self._schema_checked = True
 
     def _pending(self) -> bool:
         with self._stats_lock:

@@ -333,6 +333,50 @@ async def test_a_store_that_comes_back_empty_gets_its_tables_back_and_the_spool_
     assert spool_files(tmp_path / "spool") == []
 
 
+async def test_a_schema_a_newer_gateway_moved_on_during_an_outage_is_written_to_until_restart(tmp_path):
+    """A rolling upgrade: a newer replica migrates the shared log while this one runs, then this one's store
+    blips. Its replayer migrates again after the blip, finds the newer schema, and must keep writing (it
+    refuses the store only at its next start), not spool forever."""
+    from gateway import logstore_schema
+
+    url = f"sqlite:///{tmp_path}/log.db"
+    store = LogStore(url)
+    writer = LogWriter(store, spool_dir=tmp_path / "spool", batch_size=5, **FAST)
+    await writer.start()
+    newer = LogStore(url)
+    first = make_record(0)
+    try:
+        writer.submit(first)
+        await wait_until(lambda: writer.stats.written == 1, what="first write")
+        with newer._engine.begin() as conn:
+            conn.execute(
+                logstore_schema.schema_version.insert().values(
+                    version=logstore_schema.LATEST_VERSION + 1, name="from_a_newer_gateway", applied_at=time.time()
+                )
+            )
+        insert, blips = store.insert_many, [2]
+
+        def blipping(records):
+            if blips[0] > 0:
+                blips[0] -= 1
+                raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed the connection"))
+            return insert(records)
+
+        store.insert_many = blipping
+        records = [make_record(i) for i in range(1, 6)]
+        for record in records:
+            writer.submit(record)
+        await wait_until(lambda: writer.stats.replayed == 5, what="the spool written back after the blip")
+        assert writer.store_available
+        assert sorted(stored_ids(newer)) == sorted(r.id for r in [first, *records])
+    finally:
+        await writer.aclose()
+        newer.close()
+    # A new start is refused, as at any start on a schema newer than this gateway knows.
+    with pytest.raises(logstore_schema.SchemaTooNewError):
+        await LogWriter(LogStore(url), spool_dir=tmp_path / "spool2", **FAST).start()
+
+
 async def test_restart_replays_the_spool_left_behind(tmp_path):
     db = tmp_path / "log.db"
     spool = tmp_path / "spool"
