@@ -480,7 +480,9 @@ def _provider_error_body(exc: Exception) -> bytes | None:
         parsed = json.loads(content)
     except (httpx.ResponseNotRead, ValueError):
         return None
-    return content if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    # Some providers' errors carry no message (Gemini: code and status only): litellm's own text says more.
+    return content if isinstance(error, dict) and isinstance(error.get("message"), str) else None
 
 
 def _from_litellm(upstream: str, exc: Exception) -> UpstreamError:
@@ -496,7 +498,7 @@ def _from_litellm(upstream: str, exc: Exception) -> UpstreamError:
         headers = getattr(exc, "litellm_response_headers", None)
         if not isinstance(headers, Mapping):
             headers = getattr(getattr(exc, "response", None), "headers", None)
-        return UpstreamStatusError(
-            upstream, status, body, _error_headers(headers) if isinstance(headers, Mapping) else None
-        )
+        # Names lower-cased and values made text, whatever mapping litellm kept them in.
+        plain = {str(k).lower(): str(v) for k, v in headers.items()} if isinstance(headers, Mapping) else {}
+        return UpstreamStatusError(upstream, status, body, _error_headers(plain))
     return UpstreamUnavailable(upstream, message)

@@ -393,9 +393,14 @@ class _LitellmStandIn:
 
 
 class _ProviderError(Exception):
-    def __init__(self, status_code: int) -> None:
+    """Shaped like a litellm exception: its status, message, and what it may keep of the provider's answer."""
+
+    def __init__(self, status_code: int, *, headers: Any = None, response: httpx.Response | None = None) -> None:
         super().__init__(f"provider says {status_code}")
         self.status_code = status_code
+        self.message = f"litellm.APIError: provider says {status_code}"
+        self.litellm_response_headers = headers
+        self.response = response
 
 
 async def test_litellm_answers_and_error_statuses_are_attempts_in_the_error_ratio(rec: Recorder) -> None:
@@ -413,3 +418,54 @@ async def test_litellm_answers_and_error_statuses_are_attempts_in_the_error_rati
     await client.complete("a", BODY)  # a 503, retried
     assert _value(metrics, "apprentice_upstream_duration_seconds_count", upstream="a") == 3
     assert _value(metrics, "apprentice_upstream_errors_total", upstream="a", kind="503") == 1
+
+
+async def test_litellm_error_headers_kept_in_any_mapping_reach_the_client_and_the_retries(rec: Recorder) -> None:
+    """litellm may keep the provider's headers as a plain dict: names in any case, values not text."""
+    settings = _settings(a={"provider": "litellm", "retry": {"max_retries": 1}})
+    client, _ = _client(settings, _scripted(), rec)
+    kept = {"X-Request-Id": "req_abc", "Retry-After": 2, "Content-Type": "application/json"}
+    client._litellm = _LitellmStandIn(_ProviderError(429, headers=kept), _ProviderError(429, headers=kept))
+    with pytest.raises(UpstreamStatusError) as caught:
+        await client.complete("a", BODY)
+    assert rec.sleeps == [2.0]  # the provider's retry-after, not the gateway's own backoff
+    assert caught.value.headers == {"x-request-id": "req_abc", "retry-after": "2"}
+    assert caught.value.body()["error"]["message"] == "litellm.APIError: provider says 429"
+
+
+@pytest.mark.parametrize(
+    ("provider_body", "expected"),
+    [
+        (
+            {
+                "error": {
+                    "message": "Rate limit reached",
+                    "type": "requests",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            },
+            {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit_exceeded"},
+        ),
+        # No message (Gemini's shape): litellm's own text is the clearer message.
+        (
+            {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}},
+            {
+                "message": "litellm.APIError: provider says 429",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            },
+        ),
+    ],
+)
+async def test_a_litellm_error_keeps_the_providers_body_only_when_it_has_a_message(
+    rec: Recorder, provider_body: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    settings = _settings(a={"provider": "litellm", "retry": {"max_retries": 0}})
+    client, _ = _client(settings, _scripted(), rec)
+    response = httpx.Response(429, json=provider_body, request=httpx.Request("POST", "http://provider.test/v1"))
+    client._litellm = _LitellmStandIn(_ProviderError(429, response=response))
+    with pytest.raises(UpstreamStatusError) as caught:
+        await client.complete("a", BODY)
+    assert caught.value.status == 429 and caught.value.body()["error"] == expected
