@@ -215,6 +215,7 @@ def fit_specialist(
     *,
     word_vectors: bool,
     confidence: float,
+    decline_recall: float | None = None,
 ) -> Fitted:
     """Split, train, calibrate: everything between the deduplicated log and the ONNX export."""
     split = time_split(examples, cfg.train_fraction, cfg.calibration_fraction, cfg.router_fit_share)
@@ -253,6 +254,11 @@ def fit_specialist(
         tau_result = calibration.conformal_tau(
             conf_scores, conf_ood <= router.ood_threshold, conf_agree, target,
             start_fraction=cfg.tau_start_fraction, weights=_weights(split.conformal), confidence=confidence,
+        )  # fmt: skip
+        conf_declined = np.array([t is None for t in conf_labels], dtype=bool)
+        tau_result = calibration.with_decline_recall(
+            tau_result, conf_scores, conf_ood <= router.ood_threshold, conf_declined, decline_recall,
+            weights=_weights(split.conformal),
         )  # fmt: skip
     return Fitted(split, train, model, temperature, router, tau_result)
 
@@ -339,6 +345,7 @@ def run_distill(
             fitted = fit_specialist(
                 examples, labels, target, kind, cfg, steps, task, task_cfg.ood_quantile,
                 word_vectors=task_cfg.word_vectors, confidence=task_cfg.agreement_confidence,
+                decline_recall=task_cfg.decline_recall,
             )  # fmt: skip
         split, train, model = fitted.split, fitted.train, fitted.model
         temperature, router, tau_result = fitted.temperature, fitted.router, fitted.tau
@@ -414,6 +421,7 @@ def run_distill(
             "task": task, "version": version, "student": kind, "dry_run": dry_run,
             "promoted": promoted and not dry_run, "reason": reason if not dry_run else f"dry run; gate: {reason}",
             "target_agreement": target, "agreement_confidence": task_cfg.agreement_confidence,
+            "decline_recall_target": task_cfg.decline_recall,
             "tau": tau_result.tau, "temperature": temperature,
             "router": router.model_dump(), "current_version": cur_version,
             "data": {

@@ -9,13 +9,16 @@ import pytest
 from gateway.manifest import RouterSpec
 from gateway.router import apply_temperature, router_scores
 from router_models.calibration import (
+    TauResult,
     conformal_tau,
     coverage_curve,
+    decline_recall_floor,
     disagreement_bound,
     evaluate,
     fit_energy_mix,
     fit_router,
     fit_temperature,
+    with_decline_recall,
 )
 
 
@@ -201,3 +204,47 @@ def test_evaluate_counts_declines_as_disagreement_and_respects_the_ood_threshold
     assert coverage.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0]) and agreement.tolist() == pytest.approx(
         [1, 0.5, 2 / 3]
     )
+
+
+def test_the_decline_recall_floor_is_the_most_lenient_tau_that_escalates_the_share_asked() -> None:
+    scores = np.array([0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    declined = np.array([False, True, False, True, False, True, False, True, False, True, False, True])
+    eligible = np.ones(12, dtype=bool)
+    eligible[1] = False  # above the OOD threshold: escalated whatever tau is
+    # Six declines; at 0.5 three may be served: the three below the ineligible one that score highest.
+    floor = decline_recall_floor(scores, eligible, declined, 0.5)
+    assert floor is not None and 0.3 < floor <= 0.3 + 1e-12
+    served = eligible & (scores >= floor)
+    assert (served & declined).sum() == 3
+    # At 0.9 none of the six may be served (0.6 of one is allowed): tau goes just above the top eligible one.
+    assert decline_recall_floor(scores, eligible, declined, 0.9) == np.nextafter(0.9, np.inf)
+    # Weights count: the top eligible decline standing for 4 requests alone exceeds a third of the weight.
+    weights = np.ones(12)
+    weights[3] = 4.0
+    assert decline_recall_floor(scores, eligible, declined, 0.6, weights) == np.nextafter(0.9, np.inf)
+    # No declines, or every one escalated by the OOD threshold: no floor.
+    assert decline_recall_floor(scores, eligible, np.zeros(12, dtype=bool), 0.9) is None
+    assert decline_recall_floor(scores, ~declined, declined, 0.9) is None
+    # Ties: a tau cannot serve one of two equal scores and not the other, so it serves neither.
+    tied = np.array([0.8, 0.8, 0.5])
+    assert decline_recall_floor(tied, np.ones(3, dtype=bool), np.array([True, True, False]), 0.6) == np.nextafter(
+        0.8, np.inf
+    )
+    with pytest.raises(ValueError, match="target"):
+        decline_recall_floor(scores, eligible, declined, 1.0)
+
+
+def test_the_decline_recall_only_ever_raises_tau_and_records_the_share_escalated() -> None:
+    scores = np.linspace(1.0, 0.0, 11)
+    declined = np.zeros(11, dtype=bool)
+    declined[[2, 9]] = True
+    eligible = np.ones(11, dtype=bool)
+    lenient = TauResult(tau=0.05, bound=0.02, served=10, errors=1, n=11, reason="every eligible input passes")
+    raised = with_decline_recall(lenient, scores, eligible, declined, 0.9)
+    assert raised.tau == raised.decline_floor == np.nextafter(scores[2], np.inf) and raised.decline_recall == 1.0
+    assert (raised.bound, raised.served, raised.errors) == (0.02, 10, 1)  # what learn-then-test found, kept
+    assert "raised from 0.0500" in raised.reason
+    strict = TauResult(tau=0.95, bound=0.0, served=1, errors=0, n=11)
+    kept = with_decline_recall(strict, scores, eligible, declined, 0.9)
+    assert kept.tau == 0.95 and kept.decline_recall == 1.0 and "raised" not in kept.reason
+    assert with_decline_recall(lenient, scores, eligible, declined, None) is lenient

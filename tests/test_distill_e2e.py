@@ -319,6 +319,23 @@ def test_the_task_agreement_confidence_sets_how_strict_tau_is(tmp_path, slice_re
     assert taus[0.5] < taus[0.9] < 1.0
 
 
+def test_the_task_decline_recall_keeps_tau_strict_enough_to_escalate_the_teachers_declines(tmp_path, slice_records):
+    taus, reports = {}, {}
+    for recall in (None, 0.99):
+        outcome, manifest = _dry_run_with(
+            tmp_path / str(recall), slice_records, decline_recall=recall, ood_quantile=1.0
+        )
+        reports[recall] = json.loads((outcome.report_dir / "report.json").read_text())
+        taus[recall] = manifest.tau
+    assert reports[0.99]["decline_recall_target"] == 0.99
+    without, floored = reports[None]["conformal"], reports[0.99]["conformal"]
+    assert without["decline_floor"] is None and without["decline_recall"] is None
+    # Same records, same student and router; every input the OOD threshold lets through is eligible (quantile
+    # 1.0), declines included: the floor lifts tau above every one of them the lenient tau would serve.
+    assert floored["decline_recall"] == 1.0 and taus[0.99] == floored["decline_floor"] > taus[None]
+    assert "calibration inputs the teacher declined are escalated" in floored["reason"]
+
+
 def test_a_version_that_would_serve_nothing_says_why(tmp_path, slice_records):
     # 0.99 confidence on this small slice: no tau's bound passes, and the operator reads why, not just tau 1.0.
     outcome, manifest = _dry_run_with(tmp_path, slice_records, agreement_confidence=0.99)

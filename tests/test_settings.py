@@ -44,9 +44,13 @@ def test_task_calibration_and_student_settings_have_defaults_and_take_values(tmp
     task = {"teacher": "m", "labels": ["x", "y"]}
     default = load_settings(_write(tmp_path, {"tasks": {"t": task}})).tasks["t"]
     assert (default.agreement_confidence, default.ood_quantile, default.word_vectors) == (0.9, 0.99, True)
-    chosen = {**task, "agreement_confidence": 0.5, "ood_quantile": 0.95, "word_vectors": False}
+    assert default.decline_recall == 0.9
+    chosen = {**task, "agreement_confidence": 0.5, "ood_quantile": 0.95, "word_vectors": False, "decline_recall": 0.8}
     given = load_settings(_write(tmp_path, {"tasks": {"t": chosen}})).tasks["t"]
     assert (given.agreement_confidence, given.ood_quantile, given.word_vectors) == (0.5, 0.95, False)
+    assert given.decline_recall == 0.8
+    off = load_settings(_write(tmp_path, {"tasks": {"t": {**task, "decline_recall": None}}})).tasks["t"]
+    assert off.decline_recall is None
 
 
 def test_a_full_file_is_read(tmp_path: Path) -> None:
@@ -87,6 +91,7 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "shadow_rate": 2}}}, ["tasks.t.shadow_rate"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "ood_quantile": 0.3}}}, ["tasks.t.ood_quantile"]),
         ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "word_vectors": "maybe"}}}, ["tasks.t.word_vectors"]),
+        ({"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "decline_recall": 1.0}}}, ["tasks.t.decline_recall"]),
         (
             {"tasks": {"t": {"teacher": "m", "labels": ["x", "y"], "agreement_confidence": 1.0}}},
             ["tasks.t.agreement_confidence"],
