@@ -146,6 +146,7 @@ def gate(
     tolerance: float,
     *,
     current_unscored: bool = False,
+    decline_recall: float | None = None,
 ) -> tuple[bool, str]:
     """Promote unless the candidate is worse than the current version on the same holdout: less coverage at
     its own calibrated tau (what it would really serve; beyond `tolerance`), or agreement on served below the
@@ -160,7 +161,11 @@ def gate(
     `current_unscored`: a current version exists but could not be scored (a file it cannot read, a graph this
     code cannot run; a version whose files are gone is no current version). The candidate then stands on its
     own: promoted only if it serves something at agreement within sampling noise of the target, so a weak night
-    never replaces a good version unseen."""
+    never replaces a good version unseen.
+
+    `decline_recall` (the task's): a current version that escalates less than that share of the holdout's
+    declines, where the candidate escalates more, is not protected by its coverage. Without this the first
+    run after decline_recall was set would be refused for serving less than a version that ignores it."""
     n_eff = float(candidate.get("served_effective_n") or candidate.get("served") or 0)
     noise = 2.0 * math.sqrt(target * (1.0 - target) / n_eff) if n_eff > 0 else 0.0
     cand_cov, cand_ag = candidate["coverage"], candidate["agreement_served"]
@@ -176,6 +181,21 @@ def gate(
     if current is None:
         return True, "no current version to compare with"
     cur_cov = current["coverage"]
+    cur_rec, cand_rec = _holdout_decline_recall(current), _holdout_decline_recall(candidate)
+    unsafe_current = (
+        decline_recall is not None and cur_rec is not None and cand_rec is not None
+        and cur_rec < decline_recall and cand_rec > cur_rec
+    )  # fmt: skip
+    if unsafe_current:
+        if cand_ag is not None and cand_ag < target - noise:
+            return False, (
+                f"kept current: agreement on served {cand_ag:.4f} is below the target {target} by more than "
+                f"sampling noise ({noise:.4f})"
+            )
+        return True, (
+            f"the current version escalates {cur_rec:.3f} of the holdout's declines, below decline_recall "
+            f"{decline_recall}; the candidate {cand_rec:.3f} (coverage {cand_cov:.4f} vs {cur_cov:.4f})"
+        )
     if cand_cov < cur_cov - tolerance:
         return False, (
             f"kept current: coverage {cand_cov:.4f} is below the current version's "
@@ -188,6 +208,12 @@ def gate(
             f"sampling noise ({noise:.4f}) and below the current version's {cur_ag}"
         )
     return True, f"not worse than current: coverage {cand_cov:.4f} vs {cur_cov:.4f}"
+
+
+def _holdout_decline_recall(metrics: dict[str, Any]) -> float | None:
+    """The share of the holdout's declines a version escalates (`calibration.evaluate`), None without any."""
+    declines = metrics.get("declines") or 0
+    return 1.0 - metrics.get("declines_served", 0) / declines if declines else None
 
 
 @dataclass
@@ -374,7 +400,10 @@ def run_distill(
                 weights=_weights(split.holdout),
             )
             cur_version, cur, cur_note = _current_holdout(registry_dir, task, split.holdout, target)
-        promoted, reason = gate(cand, cur, target, cfg.gate_tolerance, current_unscored=cur_note is not None)
+        promoted, reason = gate(
+            cand, cur, target, cfg.gate_tolerance, current_unscored=cur_note is not None,
+            decline_recall=task_cfg.decline_recall,
+        )  # fmt: skip
         if cur_note:
             reason = f"{reason}; {cur_note}"
         if tau_result.tau >= 1.0:

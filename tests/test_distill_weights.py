@@ -89,6 +89,26 @@ def test_the_gate_forgives_agreement_within_sampling_noise_of_the_target():
     assert not promoted and "sampling noise" in reason
 
 
+def test_a_current_version_that_escalates_too_few_declines_is_not_protected_by_its_coverage():
+    # Upgraded to decline_recall 0.9: the current version (calibrated without it) serves 10 of 40 holdout
+    # declines and so covers more; the candidate escalates 38 of 40.
+    current = {"coverage": 0.85, "agreement_served": 0.972, "served_effective_n": 600.0, "declines": 40,
+               "declines_served": 10}  # fmt: skip
+    candidate = {"coverage": 0.78, "agreement_served": 0.978, "served_effective_n": 600.0, "declines": 40,
+                 "declines_served": 2}  # fmt: skip
+    promoted, reason = gate(candidate, current, 0.97, 0.01, decline_recall=0.9)
+    assert promoted and "below decline_recall 0.9" in reason
+    # Without the setting, coverage decides as before.
+    assert not gate(candidate, current, 0.97, 0.01)[0]
+    # A current version that meets it keeps its protection; so does one the candidate does no better than.
+    assert not gate(candidate, {**current, "declines_served": 3}, 0.97, 0.01, decline_recall=0.9)[0]
+    assert not gate({**candidate, "declines_served": 10}, current, 0.97, 0.01, decline_recall=0.9)[0]
+    # The candidate's agreement must still hold up.
+    weak = {**candidate, "agreement_served": 0.94}
+    promoted, reason = gate(weak, current, 0.97, 0.01, decline_recall=0.9)
+    assert not promoted and "sampling noise" in reason
+
+
 def test_the_ood_threshold_counts_shadow_records_as_the_traffic_they_stand_for():
     # After a specialist serves: 300 escalated inputs (weight 1) with high OOD scores, 100 shadow records
     # (weight 20, the 2,000 requests the specialist answered) with low ones.
