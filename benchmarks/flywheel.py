@@ -1,7 +1,8 @@
 """The flywheel benchmark: does the cheap path take the routine traffic while agreement holds?
 
     python -m benchmarks.flywheel --data ../shared/data/clinc150/data_full.json [--days 3]
-        [--student tfidf|minilm] [--agreement-confidence 0.9] [--seed 0] [--out benchmarks/results/flywheel_tfidf.json]
+        [--student tfidf|minilm] [--agreement-confidence 0.9] [--decline-recall 0.9] [--seed 0]
+        [--out benchmarks/results/flywheel_tfidf.json]
 
 Real processes on 127.0.0.1 (the reference teacher, the gateway, `apprentice distill` per day); runs
 unchanged on any dataset in the JSONL format ({"text","label","split"}, label "oos" = out of scope).
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         help="probability that served agreement meets the target (0.5: about a guarantee in expectation)",
     )  # fmt: skip
     parser.add_argument(
+        "--decline-recall", type=float, default=None,
+        help="the task's decline_recall: the share of the teacher's declines tau must keep escalating (default none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--seed", type=int, default=FlywheelConfig.seed,
         help="which train examples the reference teacher learns from (the rest is traffic), and the order of "
         "traffic and test: another seed is another run of the same benchmark",
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--agreement-confidence must be in [0.5, 1)")
     if args.seed < 0:
         parser.error("--seed must be 0 or more")
+    if args.decline_recall is not None and not 0.0 < args.decline_recall < 1.0:
+        parser.error("--decline-recall must be in (0, 1)")
 
     out = args.out or RESULTS / f"flywheel_{args.student}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         traffic_limit=args.traffic_limit,
         test_limit=args.test_limit,
         seed=args.seed,
+        decline_recall=args.decline_recall,
     )
     t0 = time.perf_counter()
     result = run_flywheel(cfg)
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(("apprentice", "onnxruntime", "scikit-learn", "skl2onnx", "numpy", "uvicorn")),
         "seconds": round(time.perf_counter() - t0, 1),
         "seed": args.seed,
+        "decline_recall": args.decline_recall,
         **result.as_dict(),
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     md.write_text(
         f"# Flywheel: {result.dataset}, {result.student} student, {args.days} days, "
         f"target agreement {args.target_agreement} at confidence {args.agreement_confidence}, "
-        f"seed {args.seed}\n\n{table}\n\n"
+        f"seed {args.seed}{f', decline_recall {args.decline_recall}' if args.decline_recall else ''}\n\n{table}\n\n"
         f"Teacher: {result.teacher}. "
         f"Machine: {payload['machine'].get('cpu_model')}; run took {payload['seconds']} s.\n"
     )

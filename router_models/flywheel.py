@@ -47,6 +47,8 @@ class FlywheelConfig:
     # The task's agreement_confidence: the probability that a version's served agreement meets the target.
     # 0.5 is about the guarantee in expectation that distill gave before.
     agreement_confidence: float = TaskConfig.model_fields["agreement_confidence"].default
+    # The task's decline_recall (None: the task's default, no floor).
+    decline_recall: float | None = None
     # Higher than the 0.02 default: distill weighs each shadow record by 1/rate, and a few days of traffic need
     # enough of them to estimate agreement on what the specialist serves.
     shadow_rate: float = 0.05
@@ -123,6 +125,7 @@ def _config_yaml(cfg: FlywheelConfig, teacher_url: str, labels: list[str]) -> di
                 "labels": labels,
                 "target_agreement": cfg.target_agreement,
                 "agreement_confidence": cfg.agreement_confidence,
+                "decline_recall": cfg.decline_recall,
                 "shadow_rate": cfg.shadow_rate,
                 "student": cfg.student,
             }

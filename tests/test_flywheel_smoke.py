@@ -291,7 +291,7 @@ def test_the_benchmarks_seed_reaches_the_flywheel_and_a_negative_one_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import benchmarks.flywheel as bench
-    from router_models.flywheel import FlywheelConfig
+    from router_models.flywheel import FlywheelConfig, _config_yaml
 
     def capture(cfg: FlywheelConfig) -> None:
         raise _Captured(cfg)
@@ -304,6 +304,16 @@ def test_the_benchmarks_seed_reaches_the_flywheel_and_a_negative_one_is_refused(
     with pytest.raises(_Captured) as caught:
         bench.main(args)
     assert caught.value.args[0].seed == FlywheelConfig.seed == 0
+    assert caught.value.args[0].decline_recall is None
+    with pytest.raises(_Captured) as caught:
+        bench.main([*args, "--decline-recall", "0.9"])
+    cfg = caught.value.args[0]
+    assert cfg.decline_recall == 0.9
+    # ... and reaches the task config distill reads.
+    assert _config_yaml(cfg, "http://127.0.0.1:9", ["a", "b"])["tasks"]["intent"]["decline_recall"] == 0.9
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--decline-recall", "1.5"])
+    assert "--decline-recall must be in (0, 1)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         bench.main([*args, "--seed", "-1"])
     assert refused.value.code == 2

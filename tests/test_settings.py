@@ -44,7 +44,7 @@ def test_task_calibration_and_student_settings_have_defaults_and_take_values(tmp
     task = {"teacher": "m", "labels": ["x", "y"]}
     default = load_settings(_write(tmp_path, {"tasks": {"t": task}})).tasks["t"]
     assert (default.agreement_confidence, default.ood_quantile, default.word_vectors) == (0.9, 0.99, True)
-    assert default.decline_recall == 0.9
+    assert default.decline_recall is None
     chosen = {**task, "agreement_confidence": 0.5, "ood_quantile": 0.95, "word_vectors": False, "decline_recall": 0.8}
     given = load_settings(_write(tmp_path, {"tasks": {"t": chosen}})).tasks["t"]
     assert (given.agreement_confidence, given.ood_quantile, given.word_vectors) == (0.5, 0.95, False)
