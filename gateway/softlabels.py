@@ -13,9 +13,9 @@ position, so the distribution is rebuilt from the first label token's `top_logpr
   later position the alternatives give the conditional split between the labels still consistent with it;
   an alternative that continues no label while a label is already complete (".", a newline) is the
   probability of stopping there. Mass of alternatives off the generated path is split evenly;
-- a lone capital letter that no label starts with as configured ("I" of "I'm sorry") claims no label: it opens
-  a sentence, and read as the first piece of a label it would hand the teacher's inclination to decline to the
-  labels starting with its lower-case letter;
+- an alternative that is a lone capital letter, which no label starts with as configured and which is not
+  itself a label ("I" of "I'm sorry"), claims no label: it opens a sentence, and read as the first piece of a
+  label it would hand the teacher's inclination to decline to the labels starting with its lower-case letter;
 - the result is renormalised over the labels. The share of first-token mass that matches no label (the
   teacher's inclination to decline or to say something else) is reported by `non_label_mass`.
 """
@@ -125,9 +125,9 @@ def _first_token_masses(
     start = next((k for k, tok in enumerate(content) if _norm_first(_token(tok))), None)
     if start is None:
         return None
-    alternatives = [(a, p) for a, p in _alternatives(content[start], first=True, initials=labels.initials) if a]
+    alternatives = [(a, p) for a, p in _alternatives(content[start], first=True, labels=labels) if a]
     claims = _claims([a for a, _ in alternatives], "", set(labels.with_prefix("")), labels)
-    generated = _first_key(_token(content[start]), labels.initials)
+    generated = _norm_first(_token(content[start]))  # the answer's own token follows its path, whatever it is
     by_label: dict[str, float] = defaultdict(float)
     other = 0.0
     for alt, prob in alternatives:
@@ -219,14 +219,15 @@ def _complete(prefix: str, candidates: set[str]) -> str | None:
     return None
 
 
-def _alternatives(
-    entry: Mapping[str, Any], *, first: bool, initials: frozenset[str] = frozenset()
-) -> list[tuple[str, float]]:
+def _alternatives(entry: Mapping[str, Any], *, first: bool, labels: LabelSet | None = None) -> list[tuple[str, float]]:
     """(normalised token, probability) at one position, the generated token included, equal tokens merged.
-    At the first position tokens are keyed by `_first_key` (`initials`: the labels' first characters)."""
+    At the first position the alternatives to the generated token are keyed by `_first_key`."""
+    generated = _token(entry)
 
     def norm(token: str) -> str:
-        return _first_key(token, initials) if first else token.lower()
+        if not first:
+            return token.lower()
+        return _norm_first(token) if token == generated or labels is None else _first_key(token, labels)
 
     raw: dict[str, float] = {}
     for alt in entry.get("top_logprobs") or []:
@@ -238,13 +239,19 @@ def _alternatives(
     return list(merged.items())
 
 
-def _first_key(token: str, initials: frozenset[str]) -> str:
-    """A first token as it is compared with the labels: `_norm_first`, except a lone capital letter that no label
-    starts with as configured ("I" of "I'm sorry", "A" of "A refund..."), kept as it is. That is a word opening a
-    sentence, not the first piece of "income" or "account": it claims no label, and a teacher's inclination to
-    decline stays non-label mass. Lower-case letters, digits and other scripts are compared as before."""
+def _first_key(token: str, labels: LabelSet) -> str:
+    """An alternative first token as it is compared with the labels: `_norm_first`, except a lone capital letter
+    that no label starts with as configured and that is not itself a label ("I" of "I'm sorry", "A" of "A
+    refund..."), kept as it is. That is a word opening a sentence, not the first piece of "income" or "account":
+    it claims no label, and a teacher's inclination to decline stays non-label mass. Lower-case letters, digits
+    and other scripts are compared as before."""
     stripped = token.lstrip(_WRAPPERS)
-    if len(stripped) == 1 and "A" <= stripped <= "Z" and stripped not in initials:
+    if (
+        len(stripped) == 1
+        and "A" <= stripped <= "Z"
+        and stripped not in labels.initials
+        and labels.label_of(stripped.lower()) is None
+    ):
         return stripped
     return stripped.lower()
 

@@ -153,6 +153,14 @@ def test_a_capital_letter_opening_a_decline_is_not_read_as_the_labels_it_starts(
             [tok("退", 0.6, {"退": 0.6, "余": 0.35}), tok("款", 0.99)],
             {"退款": 0.6 / 0.95, "余额": 0.35 / 0.95},
         ),
+        # One-letter labels: the capitals are those labels, not sentence openers.
+        (["a", "b", "c", "d"], [tok("A", 0.7, {"A": 0.7, "B": 0.2, "C": 0.1})], {"a": 0.7, "b": 0.2, "c": 0.1}),
+        # The generated token follows its path, even a capital that opens a label ("I" + "ncome").
+        (
+            ["income", "balance"],
+            [tok("I", 0.6, {"I": 0.6, "balance": 0.4}), tok("ncome", 0.99)],
+            {"income": 0.6, "balance": 0.4},
+        ),
         # The generated one-letter token follows its path.
         (["w2", "balance"], [tok("w", 0.6, {"w": 0.6, "balance": 0.4}), tok("2", 0.99)], {"w2": 0.6, "balance": 0.4}),
     ],
