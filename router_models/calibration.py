@@ -276,8 +276,9 @@ def decline_recall_floor(
     k = int(np.searchsorted(np.cumsum(w[servable][ranked]), allowed * (1.0 + 1e-9), side="right"))
     if k >= top.size:
         return None  # every servable decline fits within the share: no floor
-    # Just above the (k+1)-th score: serves the k above it at most (fewer where scores tie).
-    return float(np.nextafter(top[k], np.inf))
+    # Just above the (k+1)-th score: serves the k above it at most (fewer where scores tie). A score of 1.0 (a
+    # saturated router) leaves 1.0, never serve, as tau's range allows.
+    return min(float(np.nextafter(top[k], np.inf)), 1.0)
 
 
 def with_decline_recall(
@@ -302,7 +303,8 @@ def with_decline_recall(
     if tau > result.tau:
         reason = (
             f"{reason}; raised from {result.tau:.4f} to {tau:.4f} so that at least {target} of the "
-            f"{int(declined.sum())} calibration inputs the teacher declined are escalated"
+            f"{int(declined.sum())} calibration inputs the teacher declined (weighed as the traffic they stand for) "
+            f"are escalated; bound, served and errors are those of {result.tau:.4f}"
         )
     return replace(result, tau=tau, reason=reason, decline_floor=floor, decline_recall=recall)
 
@@ -384,6 +386,9 @@ def evaluate(
         "accuracy_labelled": float(agree[labelled].mean()) if labelled.any() else None,
         "declines": int(declined.sum()),
         "declines_served": int((served & declined).sum()),
+        # The same weighed as the traffic they stand for: a served shadow decline is 1 / shadow_rate requests.
+        "declines_weight": float(w[declined].sum()),
+        "declines_served_weight": float(w[served & declined].sum()),
         "ood_routed": int((~eligible).sum()),
         "curve": _thin_curve(coverage, agreement),
     }

@@ -164,8 +164,9 @@ def gate(
     never replaces a good version unseen.
 
     `decline_recall` (the task's): a current version that escalates less than that share of the holdout's
-    declines, where the candidate escalates more, is not protected by its coverage. Without this the first
-    run after decline_recall was set would be refused for serving less than a version that ignores it."""
+    declines (weighted, with at least GATE_MIN_DECLINES of them), where the candidate serves something and
+    meets it, is not protected by its coverage. Without this the first run after decline_recall was set would
+    be refused for serving less than a version that ignores it."""
     n_eff = float(candidate.get("served_effective_n") or candidate.get("served") or 0)
     noise = 2.0 * math.sqrt(target * (1.0 - target) / n_eff) if n_eff > 0 else 0.0
     cand_cov, cand_ag = candidate["coverage"], candidate["agreement_served"]
@@ -182,9 +183,11 @@ def gate(
         return True, "no current version to compare with"
     cur_cov = current["coverage"]
     cur_rec, cand_rec = _holdout_decline_recall(current), _holdout_decline_recall(candidate)
+    # The candidate must itself meet decline_recall and serve something: a version that serves nothing escalates
+    # every decline too.
     unsafe_current = (
         decline_recall is not None and cur_rec is not None and cand_rec is not None
-        and cur_rec < decline_recall and cand_rec > cur_rec
+        and cur_rec < decline_recall <= cand_rec and cand_cov > 0.0
     )  # fmt: skip
     if unsafe_current:
         if cand_ag is not None and cand_ag < target - noise:
@@ -210,10 +213,17 @@ def gate(
     return True, f"not worse than current: coverage {cand_cov:.4f} vs {cur_cov:.4f}"
 
 
+# The gate judges decline recall on the holdout only with at least this many declines in it.
+GATE_MIN_DECLINES = 20
+
+
 def _holdout_decline_recall(metrics: dict[str, Any]) -> float | None:
-    """The share of the holdout's declines a version escalates (`calibration.evaluate`), None without any."""
-    declines = metrics.get("declines") or 0
-    return 1.0 - metrics.get("declines_served", 0) / declines if declines else None
+    """The weighted share of the holdout's declines a version escalates (`calibration.evaluate`); None with
+    fewer than GATE_MIN_DECLINES of them, too few to judge a version by."""
+    if (metrics.get("declines") or 0) < GATE_MIN_DECLINES:
+        return None
+    total = float(metrics.get("declines_weight") or 0.0)
+    return 1.0 - float(metrics.get("declines_served_weight") or 0.0) / total if total > 0.0 else None
 
 
 @dataclass

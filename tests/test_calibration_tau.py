@@ -248,3 +248,22 @@ def test_the_decline_recall_only_ever_raises_tau_and_records_the_share_escalated
     kept = with_decline_recall(strict, scores, eligible, declined, 0.9)
     assert kept.tau == 0.95 and kept.decline_recall == 1.0 and "raised" not in kept.reason
     assert with_decline_recall(lenient, scores, eligible, declined, None) is lenient
+
+
+def test_the_decline_floor_weighs_declines_as_traffic_allows_an_exact_fit_and_never_passes_one() -> None:
+    # Ten declines of weight 1 at 0.9: exactly one may be served (0.1 x 10, a fit floats must not break).
+    scores = np.linspace(0.95, 0.05, 10)
+    declined = np.ones(10, dtype=bool)
+    eligible = np.ones(10, dtype=bool)
+    floor = decline_recall_floor(scores, eligible, declined, 0.9)
+    assert floor == np.nextafter(scores[1], np.inf)
+    # The share escalated is weighed: the served top decline stands for 20 requests of 29.
+    weights = np.ones(10)
+    weights[0] = 20.0
+    lenient = TauResult(tau=0.0, bound=0.01, served=10, errors=0, n=10)
+    result = with_decline_recall(lenient, scores, eligible, declined, 0.5, weights)
+    assert result.tau == np.nextafter(scores[0], np.inf) and result.decline_recall == 1.0
+    unweighted = with_decline_recall(lenient, scores, eligible, declined, 0.5)
+    assert unweighted.tau == np.nextafter(scores[5], np.inf) and unweighted.decline_recall == 0.5
+    # A saturated router score of 1.0 gives tau 1.0 (never serve), never a tau above 1.
+    assert decline_recall_floor(np.array([1.0, 0.5]), np.ones(2, dtype=bool), np.ones(2, dtype=bool), 0.9) == 1.0

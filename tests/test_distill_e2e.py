@@ -333,7 +333,10 @@ def test_the_task_decline_recall_keeps_tau_strict_enough_to_escalate_the_teacher
     # Same records, same student and router; every input the OOD threshold lets through is eligible (quantile
     # 1.0), declines included: the floor lifts tau above every one of them the lenient tau would serve.
     assert floored["decline_recall"] == 1.0 and taus[0.99] == floored["decline_floor"] > taus[None]
-    assert "calibration inputs the teacher declined are escalated" in floored["reason"]
+    assert (
+        "calibration inputs the teacher declined (weighed as the traffic they stand for) are escalated"
+        in (floored["reason"])
+    )
 
 
 def test_a_version_that_would_serve_nothing_says_why(tmp_path, slice_records):

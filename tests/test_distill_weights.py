@@ -58,6 +58,11 @@ def test_weighted_evaluation_counts_shadow_records_as_the_traffic_they_stand_for
     assert plain["coverage"] == 2 / 3 and plain["agreement_served"] == 0.5
     assert weighted["coverage"] == 21 / 22
     assert abs(weighted["agreement_served"] - 1 / 21) < 1e-9
+    # A decline the version served, seen through a shadow record, weighs what it stands for too.
+    declined = evaluate(probs, ood, predicted, ["balance", None, None], 1.0, router, 0.9, 0.97,
+                        weights=np.array([1.0, 20.0, 1.0]))  # fmt: skip
+    assert (declined["declines"], declined["declines_served"]) == (2, 1)
+    assert (declined["declines_weight"], declined["declines_served_weight"]) == (21.0, 20.0)
 
 
 def test_the_gate_refuses_a_candidate_that_would_serve_nothing():
@@ -90,22 +95,30 @@ def test_the_gate_forgives_agreement_within_sampling_noise_of_the_target():
 
 
 def test_a_current_version_that_escalates_too_few_declines_is_not_protected_by_its_coverage():
-    # Upgraded to decline_recall 0.9: the current version (calibrated without it) serves 10 of 40 holdout
-    # declines and so covers more; the candidate escalates 38 of 40.
-    current = {"coverage": 0.85, "agreement_served": 0.972, "served_effective_n": 600.0, "declines": 40,
-               "declines_served": 10}  # fmt: skip
-    candidate = {"coverage": 0.78, "agreement_served": 0.978, "served_effective_n": 600.0, "declines": 40,
-                 "declines_served": 2}  # fmt: skip
+    # Upgraded to decline_recall 0.9: the holdout has 40 declines; the current version (calibrated without the
+    # setting) serves 2 ordinary ones and 2 shadow ones of weight 5, so it covers more; the candidate serves 2.
+    def metrics(coverage, agreement, served_weight, declines=40):
+        return {"coverage": coverage, "agreement_served": agreement, "served_effective_n": 600.0,
+                "declines": declines, "declines_served": 4, "declines_weight": 56.0,
+                "declines_served_weight": served_weight}  # fmt: skip
+
+    current, candidate = metrics(0.85, 0.972, 12.0), metrics(0.78, 0.978, 2.0)
     promoted, reason = gate(candidate, current, 0.97, 0.01, decline_recall=0.9)
-    assert promoted and "below decline_recall 0.9" in reason
+    assert promoted and "escalates 0.786 of the holdout's declines, below decline_recall 0.9" in reason
     # Without the setting, coverage decides as before.
     assert not gate(candidate, current, 0.97, 0.01)[0]
-    # A current version that meets it keeps its protection; so does one the candidate does no better than.
-    assert not gate(candidate, {**current, "declines_served": 3}, 0.97, 0.01, decline_recall=0.9)[0]
-    assert not gate({**candidate, "declines_served": 10}, current, 0.97, 0.01, decline_recall=0.9)[0]
+    # Had its served shadow declines weighed 1, the current would escalate 0.93 and keep its protection.
+    rows_only = {**current, "declines_served_weight": 4.0}
+    assert not gate(candidate, rows_only, 0.97, 0.01, decline_recall=0.9)[0]
+    # The candidate must meet the floor itself, and serve something.
+    assert not gate(metrics(0.78, 0.978, 8.0), current, 0.97, 0.01, decline_recall=0.9)[0]
+    nothing = {**candidate, "coverage": 0.0, "agreement_served": None, "declines_served_weight": 0.0}
+    assert not gate(nothing, current, 0.97, 0.01, decline_recall=0.9)[0]
+    # A holdout with too few declines to judge by changes nothing.
+    few = (metrics(0.78, 0.978, 2.0, declines=3), metrics(0.85, 0.972, 12.0, declines=3))
+    assert not gate(*few, 0.97, 0.01, decline_recall=0.9)[0]
     # The candidate's agreement must still hold up.
-    weak = {**candidate, "agreement_served": 0.94}
-    promoted, reason = gate(weak, current, 0.97, 0.01, decline_recall=0.9)
+    promoted, reason = gate({**candidate, "agreement_served": 0.94}, current, 0.97, 0.01, decline_recall=0.9)
     assert not promoted and "sampling noise" in reason
 
 
