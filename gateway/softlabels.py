@@ -14,8 +14,11 @@ position, so the distribution is rebuilt from the first label token's `top_logpr
   an alternative that continues no label while a label is already complete (".", a newline) is the
   probability of stopping there. Mass of alternatives off the generated path is split evenly;
 - an alternative that is a lone capital letter, which no label starts with as configured and which is not
-  itself a label ("I" of "I'm sorry"), claims no label: it opens a sentence, and read as the first piece of a
-  label it would hand the teacher's inclination to decline to the labels starting with its lower-case letter;
+  itself a label ("I" of "I'm sorry"), opens a sentence, not a label: read as the first piece of a label it
+  would hand the teacher's inclination to decline to the labels starting with its lower-case letter. Its mass
+  is spread evenly over all the labels instead, so the answer is that much less certain without favouring any
+  label (a distribution without that doubt made the student surer of the inputs the teacher nearly declined:
+  README), and `non_label_mass` counts it;
 - the result is renormalised over the labels. The share of first-token mass that matches no label (the
   teacher's inclination to decline or to say something else) is reported by `non_label_mass`.
 """
@@ -130,10 +133,13 @@ def _first_token_masses(
     generated = _norm_first(_token(content[start]))  # the answer's own token follows its path, whatever it is
     by_label: dict[str, float] = defaultdict(float)
     other = 0.0
+    opening = 0.0  # mass of sentence openers (`_first_key`): spread evenly over the labels below
     for alt, prob in alternatives:
         claimed = claims.get(alt, [])
         if not claimed:
             other += prob
+            if _is_opener(alt):
+                opening += prob
             continue
         shares = (
             _path_shares(content, start, alt, set(claimed), labels)
@@ -142,6 +148,9 @@ def _first_token_masses(
         )
         for norm, share in shares.items():
             by_label[norm] += prob * share
+    if opening > 0.0 and by_label:
+        for norm in labels.with_prefix(""):
+            by_label[norm] += opening / len(labels)
     listed = sum(prob for _, prob in alternatives)
     named = {labels.label_of(norm) or norm: mass for norm, mass in by_label.items()}
     return named, other, listed
@@ -254,6 +263,11 @@ def _first_key(token: str, labels: LabelSet) -> str:
     ):
         return stripped
     return stripped.lower()
+
+
+def _is_opener(key: str) -> bool:
+    """A first-token key `_first_key` kept apart: a lone capital letter."""
+    return len(key) == 1 and "A" <= key <= "Z"
 
 
 def _norm_first(token: str) -> str:

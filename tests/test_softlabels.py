@@ -65,12 +65,14 @@ def test_multi_token_label_follows_the_generated_path():
     ]
     dist = label_distribution(content, LABELS)
     assert dist is not None
-    # Renormalised over labels: the 0.1 of "I" is not a label, so the label mass is 0.9.
-    assert dist["balance"] == pytest.approx(0.1 / 0.9)
-    assert dist["credit_score"] == pytest.approx(0.8 * 0.25 / 0.9)
+    # The 0.1 of "I" opens a sentence, not a label: it is spread evenly over the seven labels.
+    even = 0.1 / len(LABELS)
+    assert dist["balance"] == pytest.approx(0.1 + even)
+    assert dist["credit_score"] == pytest.approx(0.8 * 0.25 + even)
     # After "credit_limit" the "." alternative is the probability of stopping at the complete label.
-    assert dist["credit_limit"] == pytest.approx(0.8 * 0.75 * 0.4 / 0.9)
-    assert dist["credit_limit_change"] == pytest.approx(0.8 * 0.75 * 0.6 / 0.9)
+    assert dist["credit_limit"] == pytest.approx(0.8 * 0.75 * 0.4 + even)
+    assert dist["credit_limit_change"] == pytest.approx(0.8 * 0.75 * 0.6 + even)
+    assert dist["timer"] == pytest.approx(even)
     assert sum(dist.values()) == pytest.approx(1.0)
     assert max(dist, key=dist.__getitem__) == "credit_limit_change"
     assert non_label_mass(content, LABELS) == pytest.approx(0.1)
@@ -128,12 +130,16 @@ def test_a_capital_letter_opening_a_decline_is_not_read_as_the_labels_it_starts(
     labels = [*LABELS, "income", "insurance"]
     content = [tok("balance", 0.7, {"balance": 0.7, "I": 0.2, "credit": 0.1})]
     dist = label_distribution(content, labels)
-    assert dist is not None and "income" not in dist and "insurance" not in dist
-    assert dist["balance"] == pytest.approx(0.7 / 0.8)
+    even = 0.2 / len(labels)  # spread over every label, as doubt, not given to the two that start with "i"
+    assert dist is not None and dist["income"] == pytest.approx(even) == dist["timer"]
+    assert dist["balance"] == pytest.approx(0.7 + even)
     assert non_label_mass(content, labels) == pytest.approx(0.2)
     # A label's own first token still claims it.
     spelled = [tok("balance", 0.7, {"balance": 0.7, "income": 0.2, "I": 0.1})]
-    assert label_distribution(spelled, labels) == pytest.approx({"balance": 0.7 / 0.9, "income": 0.2 / 0.9})
+    spread = {label: 0.1 / len(labels) for label in labels}
+    assert label_distribution(spelled, labels) == pytest.approx(
+        {**spread, "balance": 0.7 + spread["balance"], "income": 0.2 + spread["income"]}
+    )
     # A label configured with that capital ("IT_support") makes "I" a label start again.
     it = [tok("balance", 0.7, {"balance": 0.7, "I": 0.3})]
     assert label_distribution(it, [*labels, "IT_support"]) == pytest.approx(
