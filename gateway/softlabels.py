@@ -252,8 +252,8 @@ def _first_key(token: str, labels: LabelSet) -> str:
     """An alternative first token as it is compared with the labels: `_norm_first`, except a lone capital letter
     that no label starts with as configured and that is not itself a label ("I" of "I'm sorry", "A" of "A
     refund..."), kept as it is. That is a word opening a sentence, not the first piece of "income" or "account":
-    it claims no label, and a teacher's inclination to decline stays non-label mass. Lower-case letters, digits
-    and other scripts are compared as before."""
+    it claims no label of its own, and `_first_token_masses` spreads its mass over all the labels. Lower-case
+    letters, digits and other scripts are compared as before."""
     stripped = token.lstrip(_WRAPPERS)
     if (
         len(stripped) == 1
