@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 import yaml
 from procs import Proc, child_env, refusing_port, start_fake_upstream, start_gateway, wait_http_ok
@@ -154,3 +156,19 @@ def client(stack: Stack) -> Iterator[openai.OpenAI]:
 def marker() -> str:
     """A unique `user` value: finds this test's requests among everything the shared fake recorded."""
     return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A log URL on the local PostgreSQL in a schema of its own, dropped afterwards; skipped where no server is
+    reachable (a laptop without one; CI has one)."""
+    from logstore_helpers import PG_DSN
+
+    try:
+        psycopg.connect(PG_DSN).close()
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {str(exc).strip()}")
+    name = f"apprentice_test_{secrets.token_hex(4)}"
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?schema={name}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

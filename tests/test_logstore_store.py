@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import sqlite3
 import threading
 import time
 
-import psycopg
 import pytest
 from sqlalchemy import MetaData, create_engine, inspect, text, update
 
@@ -22,27 +20,6 @@ from gateway.logstore_schema import inference_log
 from gateway.redact import luhn_valid, redact_record, redact_text
 from gateway.settings import LogConfig, Settings
 from router_models.distill_data import read_log
-
-PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
-
-
-def _pg_unreachable() -> str | None:
-    try:
-        psycopg.connect(PG_DSN).close()
-    except psycopg.Error as exc:
-        return str(exc).strip()
-    return None
-
-
-@pytest.fixture
-def pg_url():
-    reason = _pg_unreachable()
-    if reason:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {reason}")
-    name = f"apprentice_test_{secrets.token_hex(4)}"
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?schema={name}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
