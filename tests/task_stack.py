@@ -247,6 +247,21 @@ def openai_client_fixture(api_key: str) -> Any:
     return fixture
 
 
+def intent_stack_fixture(targets: Mapping[str, float] | None = None) -> Any:
+    """A module-scoped `stack`: tasks `intent` (a specialist) and `intent_empty` (nothing in the registry), no
+    shadow traffic, `targets` as the tasks' target agreement where given."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskStack]:
+        tasks = {"intent": 0.0, "intent_empty": 0.0}
+        with task_stack(
+            tmp_path_factory.mktemp("tasks"), tasks, specialists=["intent"], poll_s=0.5, targets=targets
+        ) as started:
+            yield started
+
+    return fixture
+
+
 @contextlib.contextmanager
 def task_stack(
     tmp: Path,
