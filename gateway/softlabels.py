@@ -255,18 +255,13 @@ def _first_key(token: str, labels: LabelSet) -> str:
     it claims no label of its own, and `_first_token_masses` spreads its mass over all the labels. Lower-case
     letters, digits and other scripts are compared as before."""
     stripped = token.lstrip(_WRAPPERS)
-    if (
-        len(stripped) == 1
-        and "A" <= stripped <= "Z"
-        and stripped not in labels.initials
-        and labels.label_of(stripped.lower()) is None
-    ):
+    if _is_opener(stripped) and stripped not in labels.initials and labels.label_of(stripped.lower()) is None:
         return stripped
     return stripped.lower()
 
 
 def _is_opener(key: str) -> bool:
-    """A first-token key `_first_key` kept apart: a lone capital letter."""
+    """A lone capital letter: the shape of a sentence opener, and of the only keys `_first_key` keeps apart."""
     return len(key) == 1 and "A" <= key <= "Z"
 
 
