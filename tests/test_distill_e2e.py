@@ -339,6 +339,22 @@ def test_the_task_decline_recall_keeps_tau_strict_enough_to_escalate_the_teacher
     )
 
 
+def test_the_gate_does_not_keep_a_current_version_that_lets_the_teachers_declines_through(tmp_path, slice_records):
+    """The first run after decline_recall is set: its candidate serves less than the current version, which was
+    calibrated without it, and is still promoted, because the current serves holdout declines the task no longer
+    allows."""
+    labels, records = slice_records
+    settings = _settings(tmp_path, labels)
+    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"ood_quantile": 1.0})
+    first = run_distill(settings, TASK, since_s=None, dry_run=False, records=records, progress=False)
+    assert first.promoted
+    settings.tasks[TASK] = settings.tasks[TASK].model_copy(update={"decline_recall": 0.99})
+    outcome = run_distill(settings, TASK, since_s=None, dry_run=True, records=records, progress=False)
+    holdout = json.loads((outcome.report_dir / "report.json").read_text())["holdout"]
+    assert holdout["candidate"]["coverage"] < holdout["current"]["coverage"] - 0.01  # coverage alone would refuse
+    assert "below decline_recall 0.99" in outcome.reason
+
+
 def test_a_version_that_would_serve_nothing_says_why(tmp_path, slice_records):
     # 0.99 confidence on this small slice: no tau's bound passes, and the operator reads why, not just tau 1.0.
     outcome, manifest = _dry_run_with(tmp_path, slice_records, agreement_confidence=0.99)
